@@ -1,0 +1,82 @@
+"""The VGG family: named variants, construction, initialisation and parameter counts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from apjax.models.taps import tap_gradients, tap_shapes
+from apjax.models.vgg import (
+    VGG,
+    VGG16_WIDTHS,
+    check_input_size,
+    conv_names,
+    feature_size,
+    tap_names,
+)
+
+
+def _divide(widths: Sequence[int | str], d: int) -> tuple:
+    return tuple(w if w == "M" else int(w) // d for w in widths)
+
+
+VARIANTS: dict[str, tuple] = {
+    "vgg16": VGG16_WIDTHS,
+    "vgg16/2": _divide(VGG16_WIDTHS, 2),
+    "vgg16/4": _divide(VGG16_WIDTHS, 4),
+    "vgg16/8": _divide(VGG16_WIDTHS, 8),
+}
+
+
+def variant_widths(name: str) -> tuple:
+    """The widths of a named variant; ``ValueError`` listing the choices for an unknown name."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(VARIANTS)}.")
+    return VARIANTS[name]
+
+
+def create_model(
+    model: str | Sequence[int | str],
+    num_classes: int = 20,
+    dtype: Any = jnp.float32,
+    dropout_rate: float = 0.5,
+) -> VGG:
+    """A :class:`VGG` from a variant name (``'vgg16/8'``) or an explicit widths list."""
+    widths = variant_widths(model) if isinstance(model, str) else tuple(model)
+    for w in widths:
+        if w != "M" and (not isinstance(w, int) or w < 1):
+            raise ValueError(f"widths must be positive integers or 'M', got {w!r} in {widths}.")
+    return VGG(widths=widths, num_classes=num_classes, dtype=dtype, dropout_rate=dropout_rate)
+
+
+def init_variables(model: VGG, key: jax.Array, image_size: int) -> dict[str, Any]:
+    """``{'params', 'batch_stats'}`` for square inputs of side ``image_size`` (checked against the pools)."""
+    check_input_size(model.widths, image_size)
+    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    variables = jax.jit(lambda k: model.init(k, x))(key)
+    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+
+def count_params(params: Any) -> int:
+    """Number of trainable parameters (BN running statistics excluded, as torch counts them)."""
+    return sum(int(p.size) for p in jax.tree.leaves(params))
+
+
+__all__ = [
+    "VARIANTS",
+    "VGG",
+    "VGG16_WIDTHS",
+    "check_input_size",
+    "conv_names",
+    "count_params",
+    "create_model",
+    "feature_size",
+    "init_variables",
+    "tap_gradients",
+    "tap_names",
+    "tap_shapes",
+    "variant_widths",
+]
