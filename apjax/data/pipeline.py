@@ -1,0 +1,168 @@
+"""Batches from the host cache onto a 'data' mesh, with a background prefetch thread.
+
+Training batches are addressed by step: step s of a run with seed ``seed`` always holds the same
+images (epoch ``s // steps_per_epoch`` is one permutation drawn from ``(seed, epoch)``; the last
+incomplete batch of an epoch is dropped), so a resumed run needs only the step to continue exactly
+where it stopped. In a multi-process run each process gathers only its own contiguous slice of the
+global batch, and the slices are assembled into one global ``jax.Array`` split over the 'data' axis.
+The batches stay uint8 on the way to the device; the augmentation runs there
+(:func:`apjax.data.augment.train_augment`, typically inside the jitted train step).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from apjax.data.cache import HostCache
+
+
+def data_mesh(devices: list | None = None) -> Mesh:
+    """A one-axis mesh named 'data' over ``devices`` (default: all devices of all processes)."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), ("data",))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over 'data', the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec("data"))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
+    """Raises ``ValueError`` unless the global batch splits evenly over devices and processes."""
+    n_dev, n_proc = mesh.devices.size, jax.process_count()
+    if global_batch_size < 1 or global_batch_size % n_dev or global_batch_size % n_proc:
+        raise ValueError(
+            f"batch_size={global_batch_size} does not split evenly over {n_dev} devices in "
+            f"{n_proc} process(es); use a multiple of {n_dev}."
+        )
+
+
+def _to_global(local: dict[str, np.ndarray], mesh: Mesh, global_batch_size: int) -> dict:
+    sharding = batch_sharding(mesh)
+    return {
+        k: jax.make_array_from_process_local_data(sharding, v, (global_batch_size, *v.shape[1:]))
+        for k, v in local.items()
+    }
+
+
+class TrainBatches:
+    """Shuffled training batches of a :class:`HostCache`, addressed by step.
+
+    Each batch is a dict of global arrays: ``images`` uint8 (B, S, S, 3), ``sizes`` int32 (B, 2)
+    original (H, W), ``labels`` uint8 (B, K), split over the mesh's 'data' axis.
+    """
+
+    def __init__(self, cache: HostCache, global_batch_size: int, seed: int, mesh: Mesh):
+        check_batch_size(global_batch_size, mesh)
+        if len(cache) < global_batch_size:
+            raise ValueError(
+                f"the training split has {len(cache)} images, fewer than batch_size="
+                f"{global_batch_size}; lower the batch size or use a larger split."
+            )
+        self.cache, self.batch_size, self.seed, self.mesh = cache, global_batch_size, seed, mesh
+        self.steps_per_epoch = len(cache) // global_batch_size
+        self.local_batch_size = global_batch_size // jax.process_count()
+        self._perm_epoch, self._perm = -1, None
+
+    def indices(self, step: int) -> np.ndarray:
+        """The global batch's image indices at ``step``: int64 (B,)."""
+        epoch, i = divmod(int(step), self.steps_per_epoch)
+        if epoch != self._perm_epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perm, self._perm_epoch = rng.permutation(len(self.cache)), epoch
+        return self._perm[i * self.batch_size : (i + 1) * self.batch_size]
+
+    def host_batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's slice of the batch at ``step``, as numpy arrays."""
+        idx = self.indices(step)
+        p, n = jax.process_index(), self.local_batch_size
+        idx = np.sort(idx[p * n : (p + 1) * n])  # sorted reads are kinder to a memory map
+        c = self.cache
+        return {"images": c.images[idx], "sizes": c.sizes[idx], "labels": c.labels[idx]}
+
+    def batch(self, step: int) -> dict[str, jax.Array]:
+        """The global batch at ``step`` on the mesh."""
+        return _to_global(self.host_batch(step), self.mesh, self.batch_size)
+
+    def iterate(self, start_step: int, num_steps: int, prefetch: int = 2) -> Iterator[tuple[int, dict]]:
+        """Yields ``(step, batch)`` for steps ``start_step .. num_steps - 1``, gathered ahead of use.
+
+        A background thread gathers and transfers up to ``prefetch`` batches ahead, so the device
+        never waits on the host while the host keeps up.
+        """
+        yield from _prefetch(((s, self.batch(s)) for s in range(start_step, num_steps)), prefetch)
+
+
+def eval_batches(
+    cache: HostCache, global_batch_size: int, mesh: Mesh, prefetch: int = 2
+) -> Iterator[dict[str, jax.Array]]:
+    """The whole split in order, in global batches; the last is padded and flagged by ``valid``.
+
+    Each batch holds ``images`` uint8 (B, S, S, 3), ``labels`` uint8 (B, K), ``valid`` bool (B,),
+    ``index`` int32 (B,) into the split, and ``masks`` uint8 (B, S, S) when the split has masks.
+    """
+    check_batch_size(global_batch_size, mesh)
+    n = len(cache)
+    local = global_batch_size // jax.process_count()
+    p = jax.process_index()
+
+    def gen():
+        for start in range(0, n, global_batch_size):
+            idx = np.arange(start + p * local, start + (p + 1) * local)
+            valid = idx < n
+            idx = np.where(valid, idx, n - 1)
+            batch = {
+                "images": cache.images[idx],
+                "labels": cache.labels[idx],
+                "valid": valid,
+                "index": idx.astype(np.int32),
+            }
+            if cache.masks is not None:
+                batch["masks"] = cache.masks[idx]
+            yield _to_global(batch, mesh, global_batch_size)
+
+    yield from _prefetch(gen(), prefetch)
+
+
+def _prefetch(items: Iterator, depth: int) -> Iterator:
+    """Runs ``items`` in a daemon thread, ``depth`` ahead; errors surface in the consumer."""
+    if depth <= 0:
+        yield from items
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def work():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(end)
+        except BaseException as e:  # handed to the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is end:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
