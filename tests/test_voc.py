@@ -78,7 +78,7 @@ def _mask_array(width: int, height: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     mask = np.zeros((height, width), dtype=np.uint8)
     mask[5:30, 4:20] = rng.integers(1, 21)
-    mask[12:height - 3, 22:width - 2] = rng.integers(1, 21)
+    mask[12 : height - 3, 22 : width - 2] = rng.integers(1, 21)
     mask[20:25, 10:30] = 20
     mask[0, :] = mask[-1, :] = mask[:, 0] = mask[:, -1] = 255  # void borders
     mask[5, 4:20] = 255
@@ -102,8 +102,7 @@ def _xml(image_id: str, width: int, height: int) -> str:
 def write_fake_voc(manual_dir: Path) -> tuple[Path, dict[str, np.ndarray]]:
     """Writes manual_dir/VOCdevkit/VOC2012; returns (VOC2012 path, {id: mask indices})."""
     root = manual_dir / "VOCdevkit" / "VOC2012"
-    for sub in ("JPEGImages", "Annotations", "SegmentationClass", "ImageSets/Main",
-                "ImageSets/Segmentation"):
+    for sub in ("JPEGImages", "Annotations", "SegmentationClass", "ImageSets/Main", "ImageSets/Segmentation"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     for k, (image_id, (w, h, mode)) in enumerate(IMAGES.items()):
         rgb = Image.fromarray(_image_array(w, h, k))

@@ -141,8 +141,7 @@ class _TarSource:
                 self._tar = tarfile.open(self.tar_path, mode="r:*")
             except (tarfile.TarError, OSError) as e:
                 raise VocDataError(
-                    f"{self.tar_path} is not a readable tar archive: download it again from "
-                    f"{VOC_URL}."
+                    f"{self.tar_path} is not a readable tar archive: download it again from {VOC_URL}."
                 ) from e
             if self._members is None:
                 self._index(self._tar)
@@ -150,9 +149,7 @@ class _TarSource:
 
     def _index(self, tar: tarfile.TarFile) -> None:
         try:
-            members = {
-                m.name.removeprefix("./"): m for m in tar.getmembers() if m.isfile()
-            }
+            members = {m.name.removeprefix("./"): m for m in tar.getmembers() if m.isfile()}
         except (tarfile.TarError, OSError, EOFError) as e:
             raise VocDataError(
                 f"{self.tar_path} is a truncated or corrupt tar archive ({_reason(e)}): download it again "
@@ -237,9 +234,7 @@ def _read_id_list(source: _FolderSource | _TarSource, rel: str) -> list[str]:
     if not ids:
         raise VocDataError(f"PASCAL VOC 2012 list file {source.describe(rel)} lists no images.")
     if len(set(ids)) != len(ids):
-        raise VocDataError(
-            f"PASCAL VOC 2012 list file {source.describe(rel)} lists some image ids twice."
-        )
+        raise VocDataError(f"PASCAL VOC 2012 list file {source.describe(rel)} lists some image ids twice.")
     return ids
 
 
@@ -290,9 +285,7 @@ def _load_image(source: _FolderSource | _TarSource, image_id: str) -> tuple[byte
     return buf.getvalue(), size
 
 
-def _load_mask(
-    source: _FolderSource | _TarSource, image_id: str, image_size: tuple[int, int]
-) -> bytes:
+def _load_mask(source: _FolderSource | _TarSource, image_id: str, image_size: tuple[int, int]) -> bytes:
     """Returns the class-index mask as a single-channel ('L') PNG; 255 (void) is kept."""
     rel = f"SegmentationClass/{image_id}.png"
     raw = source.read(rel)
@@ -359,9 +352,7 @@ class ApjaxVoc2012(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         features = {
-            "image": tfds.features.Image(
-                shape=(None, None, 3), dtype=np.uint8, encoding_format="jpeg"
-            ),
+            "image": tfds.features.Image(shape=(None, None, 3), dtype=np.uint8, encoding_format="jpeg"),
             "labels": tfds.features.Tensor(shape=(len(VOC_CLASSES),), dtype=np.uint8),
             "image_id": tfds.features.Text(),
         }
@@ -395,10 +386,7 @@ class ApjaxVoc2012(tfds.core.GeneratorBasedBuilder):
         finally:
             source.close()
         with_mask = self.builder_config.name == "segmentation"
-        return {
-            split: self._generate_examples(source, ids, with_mask)
-            for split, ids in lists.items()
-        }
+        return {split: self._generate_examples(source, ids, with_mask) for split, ids in lists.items()}
 
     def _generate_examples(
         self, source: _FolderSource | _TarSource, ids: list[str], with_mask: bool
@@ -473,9 +461,7 @@ def load_voc_split(data_dir: str | os.PathLike, split: str):
     uint8 (H, W, 1) of class indices (255 = void).
     """
     if split not in _SPLITS:
-        raise ValueError(
-            f"Unknown PASCAL VOC 2012 split {split!r}: use one of {sorted(_SPLITS)}."
-        )
+        raise ValueError(f"Unknown PASCAL VOC 2012 split {split!r}: use one of {sorted(_SPLITS)}.")
     config, tfds_split = _SPLITS[split]
     data_dir = Path(data_dir).expanduser().resolve()
     builder = ApjaxVoc2012(config=config, data_dir=os.fspath(data_dir))

@@ -1,0 +1,242 @@
+"""Jitted on-device image augmentation for the host uint8 cache.
+
+The input pipeline keeps each split on the host as a uint8 cache: every image resized (aspect not
+kept) to ``S x S``, together with its original size ``(H, W)``. A batch of that cache is augmented
+on the device by one jitted function keyed by a PRNG key:
+
+* ``sample_crop_boxes`` draws torchvision ``RandomResizedCrop`` boxes in the ORIGINAL image's pixel
+  geometry (so the box statistics are exactly torchvision's), vectorised over the batch: all tries
+  are drawn at once, the first valid one is taken, else the centre-crop fallback.
+* ``crop_resize`` maps each box to the cache by the fractions box/size and resamples it with a
+  separable triangle (bilinear) filter, antialiased when downscaling like PIL / torchvision
+  (``antialias=True``): for an output size ``n`` and a box ``[y0, y0 + L)`` in cache pixels, output
+  pixel ``i`` sits at the continuous source position ``c_i = y0 + (i + 0.5) * L / n`` (half-pixel
+  centres, ``align_corners=False``) and source pixel ``j`` (centre ``j + 0.5``) gets the weight
+  ``max(0, 1 - |j + 0.5 - c_i| / f)`` with ``f = max(L / n, 1)``; the weights over the pixels inside
+  the image are normalised to sum to one (this is PIL's ``Image.resize(..., box=...)`` rule, and
+  ``jax.image.scale_and_translate(..., antialias=True)``'s). Both axes are applied as dense
+  per-image interpolation matrices with float32 einsums at HIGHEST precision.
+* ``normalize`` maps pixel/255 to ``(x - MEAN) / STD``.
+
+``train_augment`` chains them (random crop, horizontal flip with p=0.5, normalise);
+``eval_preprocess`` resizes the whole cached image; ``resize_masks_nearest`` resizes label masks with
+PIL's NEAREST pixel-centre convention. Everything is jittable with ``out_size`` (and ``dtype``)
+static, e.g. ``jax.jit(train_augment, static_argnames=("out_size", "dtype"))``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MEAN = (0.4589, 0.4355, 0.4032)
+STD = (0.2239, 0.2186, 0.2206)
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def sample_crop_boxes(
+    key: jax.Array,
+    sizes: jax.Array,
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    tries: int = 10,
+) -> jax.Array:
+    """torchvision ``RandomResizedCrop.get_params`` boxes, vectorised over a batch.
+
+    Args:
+      key: PRNG key.
+      sizes: int (B, 2) original image sizes ``(H, W)``.
+      scale: range of the crop area as a fraction of the image area.
+      ratio: range of the crop aspect ratio (width / height); sampled log-uniformly.
+      tries: number of random tries before the centre-crop fallback.
+
+    Returns:
+      int32 (B, 4) boxes ``(top, left, height, width)`` in original pixels, always inside the image
+      with height, width >= 1.
+    """
+    sizes = jnp.asarray(sizes)
+    batch = sizes.shape[0]
+    size_h = sizes[:, 0].astype(jnp.int32)
+    size_w = sizes[:, 1].astype(jnp.int32)
+    hf = size_h.astype(jnp.float32)[:, None]
+    wf = size_w.astype(jnp.float32)[:, None]
+
+    k_scale, k_ratio, k_top, k_left = jax.random.split(key, 4)
+    area = hf * wf
+    target_area = area * jax.random.uniform(
+        k_scale, (batch, tries), jnp.float32, minval=scale[0], maxval=scale[1]
+    )
+    log_aspect = jax.random.uniform(
+        k_ratio, (batch, tries), jnp.float32, minval=math.log(ratio[0]), maxval=math.log(ratio[1])
+    )
+    aspect = jnp.exp(log_aspect)
+    # jnp.round rounds half to even, like Python's round().
+    w_try = jnp.round(jnp.sqrt(target_area * aspect))
+    h_try = jnp.round(jnp.sqrt(target_area / aspect))
+    valid = (w_try > 0) & (w_try <= wf) & (h_try > 0) & (h_try <= hf)
+    found = jnp.any(valid, axis=1)
+    first = jnp.argmax(valid, axis=1)  # index of the first valid try (0 when none is valid)
+    h_rand = jnp.take_along_axis(h_try, first[:, None], axis=1)[:, 0].astype(jnp.int32)
+    w_rand = jnp.take_along_axis(w_try, first[:, None], axis=1)[:, 0].astype(jnp.int32)
+    # Where no try is valid h_rand/w_rand are garbage; clamp so randint gets a sane range.
+    h_rand = jnp.clip(h_rand, 1, size_h)
+    w_rand = jnp.clip(w_rand, 1, size_w)
+    top_rand = jax.random.randint(k_top, (batch,), 0, size_h - h_rand + 1, dtype=jnp.int32)
+    left_rand = jax.random.randint(k_left, (batch,), 0, size_w - w_rand + 1, dtype=jnp.int32)
+
+    # Fallback: centre crop with the aspect ratio clamped into `ratio`.
+    in_ratio = wf[:, 0] / hf[:, 0]
+    too_tall = in_ratio < ratio[0]
+    too_wide = in_ratio > ratio[1]
+    h_fb = jnp.where(too_tall, jnp.round(wf[:, 0] / ratio[0]).astype(jnp.int32), size_h)
+    w_fb = jnp.where(too_wide, jnp.round(hf[:, 0] * ratio[1]).astype(jnp.int32), size_w)
+    h_fb = jnp.clip(h_fb, 1, size_h)
+    w_fb = jnp.clip(w_fb, 1, size_w)
+    top_fb = (size_h - h_fb) // 2
+    left_fb = (size_w - w_fb) // 2
+
+    boxes = jnp.stack(
+        [
+            jnp.where(found, top_rand, top_fb),
+            jnp.where(found, left_rand, left_fb),
+            jnp.where(found, h_rand, h_fb),
+            jnp.where(found, w_rand, w_fb),
+        ],
+        axis=1,
+    )
+    return boxes.astype(jnp.int32)
+
+
+def _axis_weights(start: jax.Array, length: jax.Array, in_size: int, out_size: int) -> jax.Array:
+    """Interpolation matrices (..., out_size, in_size) for boxes ``[start, start + length)``.
+
+    ``start`` and ``length`` are float32 arrays (any batch shape) in source pixels. Triangle filter
+    with half-pixel centres, widened by the scale factor when downscaling, renormalised over the
+    source pixels inside ``[0, in_size)``.
+    """
+    step = length / out_size  # source pixels per output pixel
+    support = jnp.maximum(step, 1.0)
+    out_pos = jnp.arange(out_size, dtype=jnp.float32) + 0.5
+    src_pos = jnp.arange(in_size, dtype=jnp.float32) + 0.5
+    centres = start[..., None] + out_pos * step[..., None]  # (..., out)
+    dist = (src_pos - centres[..., None]) / support[..., None, None]  # (..., out, in)
+    weights = jnp.maximum(0.0, 1.0 - jnp.abs(dist))
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    return weights / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)
+
+
+def _resample(images: jax.Array, wy: jax.Array, wx: jax.Array) -> jax.Array:
+    """Separable resampling of (B, Sh, Sw, C) images with (B?, out_h, Sh) and (B?, out_w, Sw)."""
+    x = images.astype(jnp.float32)
+    spec_x = "pw,bhwc->bhpc" if wx.ndim == 2 else "bpw,bhwc->bhpc"
+    cols = jnp.einsum(spec_x, wx, x, precision=_HIGHEST)
+    spec_y = "oh,bhpc->bopc" if wy.ndim == 2 else "boh,bhpc->bopc"
+    out = jnp.einsum(spec_y, wy, cols, precision=_HIGHEST)
+    return jnp.clip(out, 0.0, 255.0)
+
+
+def crop_resize(
+    images: jax.Array,
+    boxes: jax.Array,
+    sizes: jax.Array,
+    out_size: int,
+    flip: jax.Array | None = None,
+) -> jax.Array:
+    """Crop boxes out of cached images and resample them to ``out_size x out_size``.
+
+    Args:
+      images: uint8 (B, S, S, C) cache (a non-square (B, Sh, Sw, C) cache works too).
+      boxes: int (B, 4) ``(top, left, height, width)`` in ORIGINAL pixels.
+      sizes: int (B, 2) original ``(H, W)``.
+      out_size: static output side.
+      flip: optional bool (B,): flip those outputs horizontally.
+
+    Returns:
+      float32 (B, out_size, out_size, C) in [0, 255]. The box is mapped to cache coordinates
+      (times Sh/H, Sw/W) and resampled bilinearly with half-pixel centres, antialiased when
+      downscaling (see the module docstring for the exact filter).
+    """
+    _, s_h, s_w, _ = images.shape
+    boxes = jnp.asarray(boxes).astype(jnp.float32)
+    sizes = jnp.asarray(sizes).astype(jnp.float32)
+    size_h, size_w = sizes[:, 0], sizes[:, 1]
+    # (v * S) / H rather than v * (S / H): exact for the identity box (v == H).
+    y0 = boxes[:, 0] * s_h / size_h
+    x0 = boxes[:, 1] * s_w / size_w
+    box_h = boxes[:, 2] * s_h / size_h
+    box_w = boxes[:, 3] * s_w / size_w
+    wy = _axis_weights(y0, box_h, s_h, out_size)
+    wx = _axis_weights(x0, box_w, s_w, out_size)
+    if flip is not None:
+        flip = jnp.asarray(flip, dtype=bool)
+        wx = jnp.where(flip[:, None, None], wx[:, ::-1, :], wx)
+    return _resample(images, wy, wx)
+
+
+def normalize(images_0_255: jax.Array) -> jax.Array:
+    """float32 ``(x / 255 - MEAN) / STD`` over the last (channel) axis."""
+    x = jnp.asarray(images_0_255).astype(jnp.float32) / 255.0
+    mean = jnp.asarray(MEAN, dtype=jnp.float32)
+    std = jnp.asarray(STD, dtype=jnp.float32)
+    return (x - mean) / std
+
+
+def train_augment(
+    key: jax.Array,
+    images: jax.Array,
+    sizes: jax.Array,
+    out_size: int,
+    dtype=jnp.float32,
+    scale: Sequence[float] = (0.08, 1.0),
+) -> jax.Array:
+    """Training augmentation: RandomResizedCrop(out_size), horizontal flip (p=0.5), normalise.
+
+    Args:
+      key: PRNG key (one per batch).
+      images: uint8 (B, S, S, 3) cache.
+      sizes: int (B, 2) original ``(H, W)``.
+      out_size: static output side (227 in the paper's setup).
+      dtype: static output dtype.
+      scale: static range of the crop's area fraction (torchvision's default (0.08, 1)).
+
+    Returns:
+      (B, out_size, out_size, 3) normalised images of ``dtype``.
+    """
+    k_box, k_flip = jax.random.split(key)
+    boxes = sample_crop_boxes(k_box, sizes, scale=tuple(scale))
+    flip = jax.random.bernoulli(k_flip, 0.5, (images.shape[0],))
+    out = crop_resize(images, boxes, sizes, out_size, flip)
+    return normalize(out).astype(dtype)
+
+
+def eval_preprocess(images: jax.Array, out_size: int, dtype=jnp.float32) -> jax.Array:
+    """Whole-image bilinear (antialiased) resize of uint8 (B, S, S, 3) to out_size, normalised."""
+    _, s_h, s_w, _ = images.shape
+    wy = _axis_weights(jnp.float32(0.0), jnp.float32(s_h), s_h, out_size)
+    wx = _axis_weights(jnp.float32(0.0), jnp.float32(s_w), s_w, out_size)
+    return normalize(_resample(images, wy, wx)).astype(dtype)
+
+
+def resize_masks_nearest(masks: jax.Array, out_size: int) -> jax.Array:
+    """Nearest-neighbour resize of uint8 (B, S, S) or (B, S, S, 1) masks to (B, out, out).
+
+    Source index ``floor((i + 0.5) * S / out_size)`` (PIL's NEAREST convention), so only values
+    present in the input (including the 255 "ignore" label) appear in the output. (PIL computes
+    the same position by repeated float addition and so, where ``(i + 0.5) * S / out_size`` is an
+    exact integer, sometimes takes the pixel one lower; everywhere else the two agree.)
+    """
+    masks = jnp.asarray(masks)
+    if masks.ndim == 4:
+        masks = masks[..., 0]
+    _, s_h, s_w = masks.shape
+
+    def index(in_size: int) -> np.ndarray:
+        idx = np.floor((np.arange(out_size) + 0.5) * in_size / out_size).astype(np.int32)
+        return np.minimum(idx, in_size - 1)
+
+    return masks[:, index(s_h)][:, :, index(s_w)]

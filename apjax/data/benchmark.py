@@ -1,0 +1,124 @@
+"""Data benchmark: images/s of synthetic generation, tfds preparation, caching, batching, augmentation.
+
+    python -m apjax.data.benchmark --out data_benchmark.json [--image_size 227 --count 512]
+
+Writes one JSON file (figures, device, versions, date) and prints a table. Each stage runs on a fresh
+temporary data directory, so nothing is reused from earlier runs; device timings are taken after a
+warm-up call and block until the result is ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+
+def _rate(n: int, seconds: float) -> float:
+    return round(n / seconds, 1) if seconds > 0 else float("inf")
+
+
+def _time_device(fn, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))  # compile
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / repeats
+
+
+def run(image_size: int, count: int, batch_size: int, cache_size: int) -> dict:
+    """Runs every stage and returns the figures (images/s unless named otherwise)."""
+    from apjax.data import load_cached_split
+    from apjax.data.augment import eval_preprocess, train_augment
+    from apjax.data.pipeline import TrainBatches, data_mesh
+    from apjax.data.synthetic import SyntheticConfig, generate_example
+
+    gen = SyntheticConfig(image_size=image_size, seed=0)
+    sizes = {"train": count, "val": 8, "segmentation_val": 8}
+    results: dict = {}
+
+    n_gen = min(count, 256)
+    start = time.perf_counter()
+    for i in range(n_gen):
+        generate_example(gen, "train", i)
+    results["generate_images_per_s_1thread"] = _rate(n_gen, time.perf_counter() - start)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        from apjax.data.synthetic_builder import prepare_synthetic
+
+        start = time.perf_counter()
+        prepare_synthetic(tmp, gen, sizes)
+        results["prepare_tfds_images_per_s"] = _rate(count + 16, time.perf_counter() - start)
+
+        start = time.perf_counter()
+        cache = load_cached_split("synthetic", "train", tmp, cache_size, gen, sizes)
+        results["cache_build_images_per_s"] = _rate(count, time.perf_counter() - start)
+
+        start = time.perf_counter()
+        cache = load_cached_split("synthetic", "train", tmp, cache_size, gen, sizes)
+        results["cache_reopen_seconds"] = round(time.perf_counter() - start, 4)
+
+        mesh = data_mesh()
+        bs = min(batch_size, count) // mesh.devices.size * mesh.devices.size
+        batches = TrainBatches(cache, bs, seed=0, mesh=mesh)
+        steps = max(4, min(64, 4 * batches.steps_per_epoch))
+        start = time.perf_counter()
+        for _, b in batches.iterate(0, steps):
+            jax.block_until_ready(b["images"])
+        results["batches_to_device_images_per_s"] = _rate(steps * bs, time.perf_counter() - start)
+
+        b = batches.batch(0)
+        augment = jax.jit(train_augment, static_argnames=("out_size", "dtype"))
+        key = jax.random.key(0)
+        t = _time_device(lambda k: augment(k, b["images"], b["sizes"], out_size=image_size), key, repeats=5)
+        results["train_augment_images_per_s"] = _rate(bs, t)
+        evaluate = jax.jit(eval_preprocess, static_argnames=("out_size", "dtype"))
+        t = _time_device(lambda im: evaluate(im, out_size=image_size), b["images"], repeats=5)
+        results["eval_preprocess_images_per_s"] = _rate(bs, t)
+        results["batch_size"] = bs
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--out", default="data_benchmark.json", help="JSON file to write")
+    parser.add_argument("--image_size", type=int, default=227, help="model input side")
+    parser.add_argument("--cache_size", type=int, default=256, help="side of the cached images")
+    parser.add_argument("--count", type=int, default=512, help="synthetic training images to build")
+    parser.add_argument("--batch_size", type=int, default=64)
+    args = parser.parse_args(argv)
+
+    figures = run(args.image_size, args.count, args.batch_size, args.cache_size)
+    report = {
+        "benchmark": "apjax.data",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "settings": vars(args),
+        "device": str(jax.devices()[0].device_kind),
+        "backend": jax.default_backend(),
+        "device_count": jax.device_count(),
+        "host": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "versions": {"python": platform.python_version(), "jax": jax.__version__, "numpy": np.__version__},
+        "figures": figures,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, out)
+    width = max(len(k) for k in figures)
+    print(f"apjax data benchmark on {report['device']} ({report['backend']}), written to {out}")
+    for k, v in figures.items():
+        print(f"  {k:<{width}}  {v}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,550 @@
+"""The trainer: state, optimizer and schedule, jitted steps, evaluation, checkpoints, logging.
+
+One 'data' mesh spans all devices (of all processes): the train state is replicated (``P()``) and each
+batch is split along its first axis (``P('data')``); the train step is one ``jax.jit`` with donated
+state, so BatchNorm statistics, the loss and the gradients are over the global batch. Augmentation runs
+inside the step on the device. Training is addressed by step: the batch of step s and its PRNG keys are
+functions of (seed, s) alone, so a resumed run continues exactly where the checkpoint left it.
+
+Checkpoints (Orbax ``CheckpointManager``) live in ``<workdir>/checkpoints/latest`` (every
+``checkpoint_every_epochs``) and ``<workdir>/checkpoints/best`` (best val mAP); each holds the state and a
+JSON of step, epoch and best mAP. Orbax writes each into a temporary folder and renames it when complete,
+so a run killed mid-save resumes from the last complete one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from apjax import metrics as metrics_lib
+from apjax.data import DATASETS, HostCache, class_names, load_cached_split
+from apjax.data.augment import eval_preprocess, train_augment
+from apjax.data.pipeline import TrainBatches, batch_sharding, check_batch_size, data_mesh, eval_batches
+from apjax.data.synthetic import SyntheticConfig
+from apjax.models import VARIANTS, check_input_size, create_model, init_variables
+
+TASKS = ("teacher", "distill", "prune_unstructured", "prune_structured")
+AVAILABLE_TASKS = ("teacher",)
+# Errors that are the user's to fix (bad config, missing files...): the command lines print their one
+# sentence instead of a traceback.
+USER_ERRORS = (ValueError, KeyError, OSError, FloatingPointError, ImportError)
+PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Config fields that may change when a run is resumed in the same workdir.
+RESUMABLE_CHANGES = (
+    "num_epochs",
+    "log_every_steps",
+    "eval_every_epochs",
+    "checkpoint_every_epochs",
+    "data.data_dir",
+    "distributed",
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# Config checks.
+# ------------------------------------------------------------------------------------------------
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ``ValueError`` with one sentence for the first bad value found."""
+    if config.task not in TASKS:
+        raise ValueError(f"unknown task {config.task!r}; choose one of {list(TASKS)}.")
+    if config.task not in AVAILABLE_TASKS:
+        raise ValueError(
+            f"task {config.task!r} is not available yet; this version of apjax trains: "
+            f"{list(AVAILABLE_TASKS)}."
+        )
+    if config.data.dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {config.data.dataset!r}; choose one of {list(DATASETS)}.")
+    if isinstance(config.model, str) and config.model not in VARIANTS:
+        raise ValueError(f"unknown model {config.model!r}; choose one of {sorted(VARIANTS)}.")
+    if config.precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {config.precision!r}; choose one of {list(PRECISIONS)}.")
+    if config.optimizer.name != "sgd":
+        raise ValueError(f"unknown optimizer {config.optimizer.name!r}; apjax's recipes use 'sgd'.")
+    positive = {
+        "batch_size": config.batch_size,
+        "num_epochs": config.num_epochs,
+        "log_every_steps": config.log_every_steps,
+        "eval_every_epochs": config.eval_every_epochs,
+        "checkpoint_every_epochs": config.checkpoint_every_epochs,
+        "data.image_size": config.data.image_size,
+        "data.cache_size": config.data.cache_size,
+    }
+    for name, value in positive.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"config.{name} must be a positive integer, got {value!r}.")
+    nonneg = {
+        "optimizer.learning_rate": config.optimizer.learning_rate,
+        "optimizer.momentum": config.optimizer.momentum,
+        "optimizer.weight_decay": config.optimizer.weight_decay,
+        "lr_decay_factor": config.lr_decay_factor,
+    }
+    for name, value in nonneg.items():
+        if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"config.{name} must be a finite number >= 0, got {value!r}.")
+    if not 0 <= config.dropout_rate < 1:
+        raise ValueError(f"config.dropout_rate must be in [0, 1), got {config.dropout_rate!r}.")
+    epochs = list(config.lr_decay_epochs)
+    if epochs != sorted(epochs) or any(not isinstance(e, int) or e < 1 for e in epochs):
+        raise ValueError(f"config.lr_decay_epochs must be increasing positive integers, got {tuple(epochs)}.")
+    lo, hi = config.data.crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"config.data.crop_scale must satisfy 0 < low <= high <= 1, got {(lo, hi)}.")
+    if config.data.dataset == "synthetic":
+        synthetic_config(config).validate()
+    check_input_size(create_model(config.model).widths, config.data.image_size)
+
+
+def synthetic_config(config: ml_collections.ConfigDict) -> SyntheticConfig:
+    """The generator settings of ``config.data.synthetic`` as a :class:`SyntheticConfig`."""
+    fields = {f.name for f in dataclasses.fields(SyntheticConfig)}
+    given = dict(config.data.synthetic)
+    unknown = sorted(set(given) - fields)
+    if unknown:
+        raise ValueError(f"unknown config.data.synthetic fields {unknown}; the fields are {sorted(fields)}.")
+    return SyntheticConfig(**given)
+
+
+# ------------------------------------------------------------------------------------------------
+# State, optimizer, schedule.
+# ------------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training step reads and writes.
+
+    Attributes:
+      step: int32 scalar, the number of steps taken.
+      params: model parameters (float32).
+      batch_stats: BatchNorm running statistics.
+      opt_state: optimizer state.
+      rng: uint32 key data (``jax.random.key_data``) of the run's base key; the key of step s is
+        ``fold_in(key, s)``.
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def steps_per_epoch(num_train: int, batch_size: int) -> int:
+    """Steps in one epoch (the last incomplete batch is dropped)."""
+    return num_train // batch_size
+
+
+def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+    """Piecewise-constant learning rate: ``lr * factor**(number of decay epochs <= epoch of step)``.
+
+    Epochs are converted to steps here and nowhere else: the rate drops at the first step of each decay
+    epoch (step ``e * steps_per_epoch``), as torch's MultiStepLR stepped once per epoch does.
+    """
+    boundaries = {int(e) * steps_per_epoch: config.lr_decay_factor for e in config.lr_decay_epochs}
+    return optax.piecewise_constant_schedule(config.optimizer.learning_rate, boundaries)
+
+
+def create_optimizer(
+    config: ml_collections.ConfigDict, lr_fn: optax.Schedule
+) -> optax.GradientTransformation:
+    """SGD as torch does it: weight decay added to the gradient, then (optional) momentum."""
+    o = config.optimizer
+    return optax.chain(
+        optax.add_decayed_weights(o.weight_decay),
+        optax.sgd(lr_fn, momentum=o.momentum or None, nesterov=o.nesterov),
+    )
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int):
+    return create_model(
+        config.model,
+        num_classes=num_classes,
+        dtype=PRECISIONS[config.precision],
+        dropout_rate=config.dropout_rate,
+    )
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict, model, tx: optax.GradientTransformation
+) -> TrainState:
+    """A fresh state from ``config.seed`` (and ``config.init_from`` torchvision weights, if set)."""
+    key = jax.random.key(config.seed)
+    init_key, run_key = jax.random.split(key)
+    variables = init_variables(model, init_key, config.data.image_size)
+    if config.init_from:
+        from apjax.models.torch_import import import_torchvision_vgg_bn, load_state_dict
+
+        variables = import_torchvision_vgg_bn(
+            load_state_dict(os.path.expanduser(config.init_from)), variables, model.widths
+        )
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(variables["params"]),
+        rng=jax.random.key_data(run_key),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Steps.
+# ------------------------------------------------------------------------------------------------
+
+
+def bce_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean over batch x classes of sigmoid binary cross-entropy (torch's MultiLabelSoftMarginLoss)."""
+    return jnp.mean(optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), labels))
+
+
+def make_train_step(
+    model,
+    tx: optax.GradientTransformation,
+    lr_fn: optax.Schedule,
+    image_size: int,
+    mesh: Mesh,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """The jitted teacher step ``(state, batch) -> (state, metrics)`` on ``mesh``; state donated.
+
+    ``batch`` holds ``images`` uint8 (B, S, S, 3), ``sizes`` int32 (B, 2), ``labels`` uint8 (B, K),
+    split over 'data'. Metrics (``loss``, ``lr``) stay on the device. ``crop_scale`` is the
+    RandomResizedCrop area range.
+    """
+
+    def step(state: TrainState, batch: Mapping[str, jax.Array]):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        aug_key, dropout_key = jax.random.split(key)
+        x = train_augment(
+            aug_key, batch["images"], batch["sizes"], out_size=image_size, dtype=model.dtype, scale=crop_scale
+        )
+        labels = batch["labels"].astype(jnp.float32)
+
+        def loss_fn(params):
+            (logits, _), updates = model.apply(
+                {"params": params, "batch_stats": state.batch_stats},
+                x,
+                train=True,
+                rngs={"dropout": dropout_key},
+                mutable=["batch_stats"],
+            )
+            return bce_loss(logits, labels), updates["batch_stats"]
+
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+        )
+        return new_state, {"loss": loss, "lr": lr_fn(state.step)}
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(
+        step,
+        in_shardings=(replicated, batch_sharding(mesh)),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+
+
+def make_eval_step(model, image_size: int, mesh: Mesh) -> Callable:
+    """The jitted ``(params, batch_stats, images uint8 (B, S, S, 3)) -> logits (B, K)`` in eval mode."""
+
+    def step(params, batch_stats, images):
+        x = eval_preprocess(images, out_size=image_size, dtype=model.dtype)
+        logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, x)
+        return logits
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(
+        step, in_shardings=(replicated, replicated, batch_sharding(mesh)), out_shardings=batch_sharding(mesh)
+    )
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    if jax.process_count() > 1:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def predict(eval_step: Callable, params, batch_stats, cache: HostCache, batch_size: int, mesh: Mesh):
+    """Logits of the whole split in order: float32 (N, K), on the host."""
+    out = []
+    for batch in eval_batches(cache, batch_size, mesh):
+        out.append((eval_step(params, batch_stats, batch["images"]), batch["valid"]))
+    logits = np.concatenate([_to_host(lg)[_to_host(v)] for lg, v in out])
+    return logits
+
+
+def evaluate(eval_step, params, batch_stats, cache: HostCache, batch_size: int, mesh: Mesh) -> dict:
+    """Classification metrics of the split: mAP, the reference's per-image AP, sample F1 at 0.5."""
+    logits = predict(eval_step, params, batch_stats, cache, batch_size, mesh)
+    labels = np.asarray(cache.labels, np.float32)
+    m = metrics_lib.classification_metrics(logits, labels)
+    m["bce"] = float(np.mean(optax.sigmoid_binary_cross_entropy(logits, labels)))
+    return m
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints.
+# ------------------------------------------------------------------------------------------------
+
+
+class Checkpoints:
+    """The latest and the best (by val mAP) checkpoints of a workdir, one each."""
+
+    def __init__(self, workdir: str | os.PathLike):
+        root = Path(workdir).absolute() / "checkpoints"
+        options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+        self.latest = ocp.CheckpointManager(root / "latest", options=options)
+        self.best = ocp.CheckpointManager(root / "best", options=options)
+
+    @staticmethod
+    def _save(manager: ocp.CheckpointManager, state: TrainState, meta: dict) -> None:
+        manager.save(
+            int(meta["step"]),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        )
+
+    def save_latest(self, state: TrainState, meta: dict) -> None:
+        self._save(self.latest, state, meta)
+
+    def save_best(self, state: TrainState, meta: dict) -> None:
+        self._save(self.best, state, meta)
+
+    @staticmethod
+    def restore(manager: ocp.CheckpointManager, abstract_state: TrainState) -> tuple[TrainState, dict] | None:
+        """The newest complete checkpoint of ``manager`` as (state, meta), or None if there is none."""
+        step = manager.latest_step()
+        if step is None:
+            return None
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+            ),
+        )
+        return restored["state"], dict(restored["meta"])
+
+    def close(self) -> None:
+        for m in (self.latest, self.best):
+            m.wait_until_finished()
+            m.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Files.
+# ------------------------------------------------------------------------------------------------
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Writes JSON to ``path`` through a temporary file renamed into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _flat(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def check_resume_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
+    """Refuses to resume a workdir whose saved config differs in a field that changes the run."""
+    path = workdir / "config.json"
+    if not path.exists():
+        return
+    old = _flat(json.loads(path.read_text()))
+    new = _flat(json.loads(config.to_json_best_effort()))
+    changed = sorted(
+        k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES
+    )
+    if changed:
+        raise ValueError(
+            f"{workdir} holds a run with another config (differs in {', '.join(changed)}); "
+            "use a new --workdir, or the same config to resume it."
+        )
+
+
+class MetricsLog:
+    """Metrics as JSON lines in ``<workdir>/metrics.jsonl`` (process 0 only)."""
+
+    def __init__(self, workdir: Path):
+        self.path = workdir / "metrics.jsonl"
+        self.enabled = jax.process_index() == 0
+
+    def write(self, **row: Any) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def format_table(rows: Mapping[str, Mapping[str, float]], percent: tuple[str, ...] = ()) -> str:
+    """A small Markdown table: one row per entry, one column per metric."""
+    cols = list(next(iter(rows.values())).keys())
+    head = "| split | " + " | ".join(cols) + " |"
+    sep = "|---|" + "---|" * len(cols)
+    lines = [head, sep]
+    for name, r in rows.items():
+        cells = [f"{100 * r[c]:.2f}" if c in percent else f"{r[c]:.4g}" for c in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop.
+# ------------------------------------------------------------------------------------------------
+
+
+def load_data(config: ml_collections.ConfigDict, splits=("train", "val")) -> dict[str, HostCache]:
+    """Host caches of the config's dataset (the synthetic benchmark is generated on first use)."""
+    d = config.data
+    synthetic = synthetic_config(config) if d.dataset == "synthetic" else None
+    sizes = dict(d.split_sizes) if d.dataset == "synthetic" else None
+    data_dir = os.path.expanduser(d.data_dir)
+    return {
+        s: load_cached_split(d.dataset, s, data_dir, d.cache_size, synthetic=synthetic, split_sizes=sizes)
+        for s in splits
+    }
+
+
+def num_classes_of(config: ml_collections.ConfigDict) -> int:
+    synthetic = synthetic_config(config) if config.data.dataset == "synthetic" else None
+    return len(class_names(config.data.dataset, synthetic))
+
+
+CLASSIFICATION_PERCENT = ("mAP", "per_image_AP", "F1")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
+    """Trains per ``config`` in ``workdir`` (resuming if it holds a run) and returns the final val metrics.
+
+    Writes ``config.json``, ``metrics.jsonl``, ``checkpoints/{latest,best}`` and ``final_metrics.json``
+    (process 0 only).
+    """
+    validate_config(config)
+    workdir = Path(workdir).expanduser().absolute()
+    is_main = jax.process_index() == 0
+    if is_main:
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OSError(
+                f"cannot create the workdir {workdir} ({e.strerror}); choose a writable --workdir."
+            ) from e
+        if not os.access(workdir, os.W_OK):
+            raise PermissionError(f"the workdir {workdir} is not writable; choose a writable --workdir.")
+        check_resume_config(workdir, config)
+        write_json_atomic(workdir / "config.json", json.loads(config.to_json_best_effort()))
+
+    mesh = data_mesh()
+    check_batch_size(config.batch_size, mesh)
+    data = load_data(config)
+    num_classes = data["train"].num_classes
+    model = build_model(config, num_classes)
+    batches = TrainBatches(data["train"], config.batch_size, seed=config.seed, mesh=mesh)
+    spe = batches.steps_per_epoch
+    total_steps = config.num_epochs * spe
+    lr_fn = create_learning_rate_fn(config, spe)
+    tx = create_optimizer(config, lr_fn)
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state = jax.device_put(create_train_state(config, model, tx), replicated)
+    checkpoints = Checkpoints(workdir)
+    best_map = -1.0
+    restored = Checkpoints.restore(checkpoints.latest, state)
+    if restored is not None:
+        state, meta = restored
+        state = jax.device_put(state, replicated)
+        best_map = float(meta.get("best_mAP", -1.0))
+        if is_main:
+            print(f"Resuming {workdir} from step {int(meta['step'])} (epoch {meta['epoch']}).")
+
+    train_step = make_train_step(
+        model, tx, lr_fn, config.data.image_size, mesh, crop_scale=tuple(config.data.crop_scale)
+    )
+    eval_step = make_eval_step(model, config.data.image_size, mesh)
+    log = MetricsLog(workdir)
+    start = int(jax.device_get(state.step))
+    eval_bs = max(config.batch_size, mesh.devices.size)
+
+    with jax.set_mesh(mesh):
+        bar = tqdm(total=total_steps, initial=start, disable=not is_main, desc="train", unit="step")
+        acc, acc_n, t0, last = None, 0, time.perf_counter(), start
+        for step, batch in batches.iterate(start, total_steps):
+            state, m = train_step(state, batch)
+            acc = m if acc is None else jax.tree.map(jnp.add, acc, m)  # stays on the device
+            acc_n += 1
+            done = step + 1
+            if done % config.log_every_steps == 0 or done % spe == 0:
+                host = jax.device_get(acc)  # the only host sync of the loop
+                loss = float(host["loss"]) / acc_n
+                if not math.isfinite(loss):
+                    raise FloatingPointError(
+                        f"the training loss became {loss} at step {done}; the last good checkpoint is "
+                        f"step {checkpoints.latest.latest_step()} in {workdir / 'checkpoints' / 'latest'} "
+                        "(lower the learning rate or check the data)."
+                    )
+                rate = (done - last) / (time.perf_counter() - t0)
+                log.write(
+                    step=done, epoch=done / spe, loss=loss, lr=float(host["lr"]) / acc_n, steps_per_s=rate
+                )
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{float(host['lr']) / acc_n:.3g}")
+                bar.update(done - bar.n)
+                acc, acc_n, t0, last = None, 0, time.perf_counter(), done
+            if done % spe == 0:
+                epoch = done // spe
+                if epoch % config.eval_every_epochs == 0 or done == total_steps:
+                    val = evaluate(eval_step, state.params, state.batch_stats, data["val"], eval_bs, mesh)
+                    log.write(step=done, epoch=epoch, **{f"val/{k}": v for k, v in val.items()})
+                    if val["mAP"] > best_map:
+                        best_map = val["mAP"]
+                        checkpoints.save_best(state, {"step": done, "epoch": epoch, "mAP": best_map})
+                    bar.write(f"epoch {epoch}: val mAP {100 * val['mAP']:.2f} (best {100 * best_map:.2f})")
+                if epoch % config.checkpoint_every_epochs == 0 or done == total_steps:
+                    # The data position is the step: batches are addressed by step (TrainBatches).
+                    meta = {"step": done, "epoch": epoch, "best_mAP": best_map, "data_position": done}
+                    checkpoints.save_latest(state, meta)
+        bar.close()
+
+    final = evaluate(eval_step, state.params, state.batch_stats, data["val"], eval_bs, mesh)
+    last_step = int(jax.device_get(state.step))
+    rows = {f"val, last (step {last_step})": final}
+    best = Checkpoints.restore(checkpoints.best, state)
+    checkpoints.close()
+    if best is not None:
+        best_state, best_meta = best
+        best_val = evaluate(eval_step, best_state.params, best_state.batch_stats, data["val"], eval_bs, mesh)
+        rows[f"val, best (step {best_meta['step']})"] = best_val
+    if is_main:
+        write_json_atomic(workdir / "final_metrics.json", {"step": last_step, "val": final, "rows": rows})
+        print(format_table(rows, percent=CLASSIFICATION_PERCENT))
+    return final

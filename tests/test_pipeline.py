@@ -1,0 +1,140 @@
+"""The data path end to end: synthetic tfds builder -> host cache -> batches on a mesh -> augment."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from apjax.data import cache as cache_lib
+from apjax.data import class_names, load_cached_split, load_split
+from apjax.data.augment import MEAN, STD, train_augment
+from apjax.data.pipeline import TrainBatches, batch_sharding, data_mesh, eval_batches
+from apjax.data.synthetic import SyntheticConfig, generate_example
+
+GEN = SyntheticConfig(num_classes=6, image_size=40, seed=3)
+SIZES = {"train": 40, "val": 12, "segmentation_val": 10}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+def test_tfds_round_trip_equals_generator(data_dir):
+    source = load_split("synthetic", "segmentation_val", data_dir, GEN, SIZES)
+    assert len(source) == SIZES["segmentation_val"]
+    by_id = {}
+    for i in range(len(source)):
+        ex = source[i]
+        image_id = ex["image_id"].decode() if isinstance(ex["image_id"], bytes) else ex["image_id"]
+        by_id[image_id] = ex
+    for index in range(SIZES["segmentation_val"]):
+        want = generate_example(GEN, "segmentation_val", index)
+        got = by_id[want["image_id"]]
+        np.testing.assert_array_equal(got["image"], want["image"])  # PNG is lossless
+        np.testing.assert_array_equal(got["mask"][..., 0], want["mask"])
+        np.testing.assert_array_equal(got["labels"], want["labels"])
+    assert class_names("synthetic", GEN) == class_names("synthetic", GEN)[:6]
+
+
+def test_cache_holds_resized_images_sizes_and_nearest_masks(data_dir):
+    cache = load_cached_split("synthetic", "segmentation_val", data_dir, 24, GEN, SIZES)
+    assert cache.images.shape == (10, 24, 24, 3) and cache.images.dtype == np.uint8
+    assert cache.masks.shape == (10, 24, 24) and cache.sizes.tolist() == [[40, 40]] * 10
+    for i, image_id in enumerate(cache.image_ids):
+        index = int(image_id.split("_")[-1])
+        want = generate_example(GEN, "segmentation_val", index)
+        resized = np.asarray(Image.fromarray(want["image"]).resize((24, 24), Image.BILINEAR))
+        np.testing.assert_array_equal(cache.images[i], resized)
+        # NEAREST with pixel centres: output pixel j reads source pixel floor((j + 0.5) * 40 / 24).
+        src = np.floor((np.arange(24) + 0.5) * 40 / 24).astype(int)
+        np.testing.assert_array_equal(cache.masks[i], want["mask"][np.ix_(src, src)])
+        np.testing.assert_array_equal(cache.labels[i], want["labels"])
+    assert load_cached_split("synthetic", "train", data_dir, 24, GEN, SIZES).masks is not None
+
+
+def test_cache_is_reused_and_never_half_written(data_dir, tmp_path, monkeypatch):
+    load_cached_split("synthetic", "val", data_dir, 16, GEN, SIZES)
+    calls = []
+    monkeypatch.setattr(cache_lib, "build_cache", lambda *a, **k: calls.append(1))
+    load_cached_split("synthetic", "val", data_dir, 16, GEN, SIZES)
+    assert calls == []
+    monkeypatch.undo()
+
+    class Broken:
+        def __init__(self, source, bad):
+            self.source, self.bad = source, bad
+
+        def __len__(self):
+            return len(self.source)
+
+        def __getitem__(self, i):
+            if i == self.bad:
+                raise OSError(f"unreadable example {i}")
+            return self.source[i]
+
+    source = load_split("synthetic", "val", data_dir, GEN, SIZES)
+    target = tmp_path / "cache" / "val_16"
+    with pytest.raises(OSError, match="unreadable example 7"):
+        cache_lib.build_cache(Broken(source, 7), target, 16, with_masks=True)
+    assert not target.exists() and list((tmp_path / "cache").iterdir()) == []
+    # A folder with a wrong or missing meta.json is not taken for a cache.
+    target.mkdir(parents=True)
+    (target / "meta.json").write_text(json.dumps({"format": 1, "size": 8}))
+    assert not cache_lib.cache_is_complete(target, 16, len(source), True)
+    built = cache_lib.get_cache(source, target, 16, with_masks=True)
+    assert len(built) == len(source)
+
+
+def test_train_batches_are_epoch_permutations_addressed_by_step(data_dir):
+    cache = load_cached_split("synthetic", "train", data_dir, 24, GEN, SIZES)
+    mesh = data_mesh()
+    batches = TrainBatches(cache, 8, seed=5, mesh=mesh)
+    assert batches.steps_per_epoch == 5
+    epoch0 = np.concatenate([batches.indices(s) for s in range(5)])
+    epoch1 = np.concatenate([batches.indices(s) for s in range(5, 10)])
+    assert sorted(epoch0) == list(range(40)) and sorted(epoch1) == list(range(40))
+    assert not np.array_equal(epoch0, epoch1)
+    again = TrainBatches(cache, 8, seed=5, mesh=mesh)
+    np.testing.assert_array_equal(again.indices(7), batches.indices(7))  # resume needs only the step
+    assert not np.array_equal(TrainBatches(cache, 8, seed=6, mesh=mesh).indices(0), batches.indices(0))
+    steps = [s for s, _ in batches.iterate(3, 7)]
+    assert steps == [3, 4, 5, 6]
+    b = batches.batch(6)
+    assert b["images"].shape == (8, 24, 24, 3) and b["images"].dtype == np.uint8
+    assert b["sizes"].dtype == np.int32 and b["labels"].shape == (8, 6)
+    assert b["images"].sharding == batch_sharding(mesh)
+    assert len(b["images"].addressable_shards) == jax.device_count()
+    np.testing.assert_array_equal(np.asarray(b["images"]), cache.images[np.sort(batches.indices(6))])
+
+
+def test_batch_size_errors(data_dir):
+    cache = load_cached_split("synthetic", "train", data_dir, 24, GEN, SIZES)
+    n = jax.device_count()
+    with pytest.raises(ValueError, match=f"does not split evenly over {n} devices"):
+        TrainBatches(cache, n + 1, seed=0, mesh=data_mesh())
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        TrainBatches(cache, 48, seed=0, mesh=data_mesh())
+
+
+def test_eval_batches_cover_the_split_once(data_dir):
+    cache = load_cached_split("synthetic", "segmentation_val", data_dir, 24, GEN, SIZES)
+    seen = []
+    for b in eval_batches(cache, 8, data_mesh()):
+        assert b["images"].shape == (8, 24, 24, 3) and b["masks"].shape == (8, 24, 24)
+        seen += np.asarray(b["index"])[np.asarray(b["valid"])].tolist()
+    assert seen == list(range(10))
+
+
+def test_batches_augment_on_device(data_dir):
+    cache = load_cached_split("synthetic", "train", data_dir, 24, GEN, SIZES)
+    b = TrainBatches(cache, 8, seed=0, mesh=data_mesh()).batch(0)
+    augment = jax.jit(train_augment, static_argnames=("out_size", "dtype"))
+    x = augment(jax.random.key(0), b["images"], b["sizes"], out_size=20)
+    assert x.shape == (8, 20, 20, 3) and x.dtype == np.float32
+    lo = (0 - np.asarray(MEAN)) / np.asarray(STD)
+    hi = (1 - np.asarray(MEAN)) / np.asarray(STD)
+    xs = np.asarray(x)
+    assert np.all(xs >= lo - 1e-5) and np.all(xs <= hi + 1e-5)

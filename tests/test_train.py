@@ -1,0 +1,215 @@
+"""The trainer: schedule, optimizer, loss, config checks, devices, kill-and-resume, eval round trip."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from apjax import eval_lib, train_lib
+from apjax.data.pipeline import TrainBatches, data_mesh
+from configs import teacher_vgg16
+from configs.common import parse_arg
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(data_dir, **overrides):
+    c = teacher_vgg16.get_config("data=synthetic,small")
+    c.data.data_dir = str(data_dir)
+    c.data.image_size, c.data.cache_size = 32, 36
+    c.data.synthetic.image_size = 36
+    c.data.split_sizes.update(dict(train=48, val=16, segmentation_val=8))
+    c.model = "vgg16/8"
+    c.batch_size = 16
+    c.num_epochs, c.lr_decay_epochs = 3, (2,)
+    c.log_every_steps = 2
+    for k, v in overrides.items():
+        c[k] = v
+    return c
+
+
+def test_learning_rate_drops_at_the_first_step_of_each_decay_epoch():
+    c = teacher_vgg16.get_config()
+    c.optimizer.learning_rate, c.lr_decay_epochs, c.lr_decay_factor = 0.1, (2, 4), 0.1
+    lr = train_lib.create_learning_rate_fn(c, steps_per_epoch=5)
+    # Epochs 0-1 (steps 0..9) at 0.1, epochs 2-3 (steps 10..19) at 0.01, from epoch 4 (step 20) 0.001.
+    expected = {0: 0.1, 9: 0.1, 10: 0.01, 19: 0.01, 20: 0.001, 57: 0.001}
+    for step, value in expected.items():
+        np.testing.assert_allclose(float(lr(step)), value, rtol=1e-6)
+
+
+def test_sgd_is_torch_sgd_with_weight_decay_and_momentum():
+    c = teacher_vgg16.get_config()
+    c.optimizer.update(learning_rate=0.5, momentum=0.9, weight_decay=0.1)
+    tx = train_lib.create_optimizer(c, train_lib.create_learning_rate_fn(c, 100))
+    p0, g1, g2 = np.array([1.0, -2.0]), np.array([0.3, 0.1]), np.array([-0.2, 0.4])
+    # torch.optim.SGD: d = g + wd * p; buf = m * buf + d (buf = d at the first step); p -= lr * buf.
+    d1 = g1 + 0.1 * p0
+    p1 = p0 - 0.5 * d1
+    buf2 = 0.9 * d1 + (g2 + 0.1 * p1)
+    p2 = p1 - 0.5 * buf2
+    params = jnp.asarray(p0, jnp.float32)
+    state = tx.init(params)
+    for g in (g1, g2):
+        updates, state = tx.update(jnp.asarray(g, jnp.float32), state, params)
+        params = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(np.asarray(params), p2, rtol=1e-6)
+
+
+def test_bce_loss_is_the_mean_binary_cross_entropy():
+    rng = np.random.default_rng(0)
+    z, y = rng.normal(0, 3, (4, 5)), (rng.random((4, 5)) > 0.5).astype(np.float64)
+    s = 1 / (1 + np.exp(-z))
+    expected = -np.mean(y * np.log(s) + (1 - y) * np.log(1 - s))
+    got = train_lib.bce_loss(jnp.asarray(z, jnp.float32), jnp.asarray(y, jnp.float32))
+    np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("task", "distil", "unknown task 'distil'; choose one of"),
+        ("task", "distill", "task 'distill' is not available yet"),
+        ("model", "vgg19", "unknown model 'vgg19'; choose one of"),
+        ("precision", "float16", "unknown precision 'float16'"),
+        ("batch_size", 0, "config.batch_size must be a positive integer, got 0"),
+        ("lr_decay_epochs", (30, 10), "config.lr_decay_epochs must be increasing"),
+        ("dropout_rate", 1.0, "config.dropout_rate must be in [0, 1)"),
+    ],
+)
+def test_bad_config_values_give_one_sentence(tmp_path, field, value, message):
+    c = tiny_config(tmp_path)
+    c[field] = value
+    with pytest.raises(ValueError) as e:
+        train_lib.validate_config(c)
+    assert message in str(e.value) and str(e.value).count(". ") == 0 and str(e.value).endswith(".")
+
+
+def test_bad_data_and_config_arguments(tmp_path):
+    c = tiny_config(tmp_path)
+    c.data.dataset = "imagenet"
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet'; choose one of"):
+        train_lib.validate_config(c)
+    c = tiny_config(tmp_path)
+    c.data.image_size = 16
+    with pytest.raises(ValueError, match="image_size=16 is too small for a net with 5 max-pools"):
+        train_lib.validate_config(c)
+    c = tiny_config(tmp_path)
+    c.data.synthetic.num_classes = 40
+    with pytest.raises(ValueError, match="num_classes=40"):
+        train_lib.validate_config(c)
+    with pytest.raises(ValueError, match="unknown config argument 'smal'"):
+        parse_arg("data=synthetic,smal", data="voc", small=False)
+    with pytest.raises(ValueError, match="unknown data 'vocc'"):
+        teacher_vgg16.get_config("data=vocc")
+
+
+def test_batch_size_not_divisible_by_devices(tmp_path):
+    c = tiny_config(tmp_path, batch_size=12)
+    with pytest.raises(ValueError, match="does not split evenly over 8 devices"):
+        train_lib.train_and_evaluate(c, tmp_path / "run")
+
+
+def test_one_step_on_eight_devices_equals_one_device(tmp_path):
+    assert jax.device_count() == 8
+    c = tiny_config(tmp_path)
+    cache = train_lib.load_data(c, splits=("train",))["train"]
+    model = train_lib.build_model(c, cache.num_classes)
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = data_mesh(devices)
+        lr_fn = train_lib.create_learning_rate_fn(c, 3)
+        tx = train_lib.create_optimizer(c, lr_fn)
+        state = jax.device_put(
+            train_lib.create_train_state(c, model, tx), NamedSharding(mesh, PartitionSpec())
+        )
+        step = train_lib.make_train_step(model, tx, lr_fn, 32, mesh, crop_scale=(0.35, 1.0))
+        batches = TrainBatches(cache, 16, seed=c.seed, mesh=mesh)
+        for s in range(2):
+            state, metrics = step(state, batches.batch(s))
+        results.append((jax.device_get(state), float(metrics["loss"])))
+    (one, loss1), (eight, loss8) = results
+    np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    for a, b in zip(jax.tree.leaves(one.batch_stats), jax.tree.leaves(eight.batch_stats), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    assert int(eight.step) == 2
+
+
+# A run in a subprocess (one CPU device), optionally SIGKILLed by itself right after its first
+# checkpoint is complete on disk.
+DRIVER = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, {root!r})
+    from apjax import train_lib
+    from tests.test_train import tiny_config
+    if {kill}:
+        original = train_lib.Checkpoints.save_latest
+        def save_then_die(self, state, meta):
+            original(self, state, meta)
+            self.latest.wait_until_finished()
+            os.kill(os.getpid(), signal.SIGKILL)
+        train_lib.Checkpoints.save_latest = save_then_die
+    train_lib.train_and_evaluate(tiny_config({data!r}), {workdir!r})
+    """
+)
+
+
+def _run(tmp_path, workdir, kill=False):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "true"
+    code = DRIVER.format(root=str(ROOT), kill=kill, data=str(tmp_path / "data"), workdir=str(workdir))
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+
+
+def _final_params(workdir):
+    c = tiny_config(workdir.parent / "data")
+    _, state, meta = eval_lib.restore_state(c, workdir, "latest")
+    return jax.device_get(state), meta
+
+
+def test_killed_run_resumes_to_identical_parameters_and_eval_reproduces_map(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    r = _run(tmp_path, straight)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _run(tmp_path, killed, kill=True)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    assert sorted(p.name for p in (killed / "checkpoints" / "latest").iterdir() if p.name.isdigit()) == ["3"]
+    assert not (killed / "final_metrics.json").exists()
+    r = _run(tmp_path, killed)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Resuming" in r.stdout
+    a, meta_a = _final_params(straight)
+    b, meta_b = _final_params(killed)
+    assert meta_a["step"] == meta_b["step"] == 9
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+    # eval.py's library call on the best checkpoint reproduces the mAP logged for it in training.
+    logged = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    best = max((r for r in logged if "val/mAP" in r), key=lambda r: r["val/mAP"])
+    result = eval_lib.evaluate_workdir(straight, "best", "val")
+    assert result["step"] == best["step"]
+    np.testing.assert_allclose(result["mAP"], best["val/mAP"], atol=1e-4)
+    assert (straight / "eval_best_val.json").exists() and (straight / "config.json").exists()
+
+
+def test_resume_refuses_another_config(tmp_path):
+    c = tiny_config(tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(c.to_json_best_effort())
+    c.model = "vgg16/4"
+    with pytest.raises(ValueError, match="holds a run with another config \\(differs in model\\)"):
+        train_lib.check_resume_config(tmp_path / "run", c)
