@@ -39,10 +39,10 @@ from apjax.data import DATASETS, HostCache, class_names, load_cached_split
 from apjax.data.augment import eval_preprocess, train_augment
 from apjax.data.pipeline import TrainBatches, batch_sharding, check_batch_size, data_mesh, eval_batches
 from apjax.data.synthetic import SyntheticConfig
-from apjax.models import VARIANTS, check_input_size, create_model, init_variables
+from apjax.models import check_input_size, create_model, init_variables, variant_widths
 
 TASKS = ("teacher", "distill", "prune_unstructured", "prune_structured")
-AVAILABLE_TASKS = ("teacher",)
+AVAILABLE_TASKS = ("teacher", "distill")
 # Errors that are the user's to fix (bad config, missing files...): the command lines print their one
 # sentence instead of a traceback.
 USER_ERRORS = (ValueError, KeyError, OSError, FloatingPointError, ImportError)
@@ -74,8 +74,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     if config.data.dataset not in DATASETS:
         raise ValueError(f"unknown dataset {config.data.dataset!r}; choose one of {list(DATASETS)}.")
-    if isinstance(config.model, str) and config.model not in VARIANTS:
-        raise ValueError(f"unknown model {config.model!r}; choose one of {sorted(VARIANTS)}.")
+    variant_widths(config.model)  # a named variant or a widths list
     if config.precision not in PRECISIONS:
         raise ValueError(f"unknown precision {config.precision!r}; choose one of {list(PRECISIONS)}.")
     if config.optimizer.name != "sgd":
@@ -111,6 +110,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.data.crop_scale must satisfy 0 < low <= high <= 1, got {(lo, hi)}.")
     if config.data.dataset == "synthetic":
         synthetic_config(config).validate()
+    if config.task == "distill":
+        from apjax.compress.distill import validate_distill_config
+
+        validate_distill_config(config)
     check_input_size(create_model(config.model).widths, config.data.image_size)
 
 
@@ -444,6 +447,75 @@ def num_classes_of(config: ml_collections.ConfigDict) -> int:
 CLASSIFICATION_PERCENT = ("mAP", "per_image_AP", "F1")
 
 
+@dataclasses.dataclass
+class Task:
+    """What a task (teacher training, distillation, ...) gives the common training loop.
+
+    Attributes:
+      model: the model being trained (its checkpoints are this model's).
+      tx: the optimizer.
+      init_state: () -> a fresh :class:`TrainState` (not yet on the mesh).
+      train_step: (state, batch) -> (state, metrics); jitted, metrics stay on the device. Metrics are
+        averaged between log steps; ``loss`` must be among them.
+      evaluate: (state, cache) -> dict of floats on a split; must hold ``mAP`` (the best checkpoint's key).
+    """
+
+    model: Any
+    tx: optax.GradientTransformation
+    init_state: Callable[[], TrainState]
+    train_step: Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]
+    evaluate: Callable[[TrainState, HostCache], dict[str, float]]
+
+
+def teacher_task(
+    config: ml_collections.ConfigDict, num_classes: int, mesh: Mesh, lr_fn: optax.Schedule
+) -> Task:
+    """Plain multi-label training with BCE (the teacher of the paper)."""
+    model = build_model(config, num_classes)
+    tx = create_optimizer(config, lr_fn)
+    step = make_train_step(
+        model, tx, lr_fn, config.data.image_size, mesh, crop_scale=tuple(config.data.crop_scale)
+    )
+    eval_step = make_eval_step(model, config.data.image_size, mesh)
+    eval_bs = max(config.batch_size, mesh.devices.size)
+    return Task(
+        model=model,
+        tx=tx,
+        init_state=lambda: create_train_state(config, model, tx),
+        train_step=step,
+        evaluate=lambda state, cache: evaluate(
+            eval_step, state.params, state.batch_stats, cache, eval_bs, mesh
+        ),
+    )
+
+
+def build_task(config: ml_collections.ConfigDict, num_classes: int, mesh: Mesh, lr_fn) -> Task:
+    """The :class:`Task` of ``config.task``."""
+    if config.task == "teacher":
+        return teacher_task(config, num_classes, mesh, lr_fn)
+    if config.task == "distill":
+        from apjax.compress.distill import distill_task
+
+        return distill_task(config, num_classes, mesh, lr_fn)
+    raise ValueError(f"task {config.task!r} is not available yet; choose one of {list(AVAILABLE_TASKS)}.")
+
+
+def prepare_workdir(workdir: Path, config: ml_collections.ConfigDict) -> None:
+    """Creates ``workdir`` (process 0), refuses a different run in it, and saves ``config.json``."""
+    if jax.process_index() != 0:
+        return
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(
+            f"cannot create the workdir {workdir} ({e.strerror}); choose a writable --workdir."
+        ) from e
+    if not os.access(workdir, os.W_OK):
+        raise PermissionError(f"the workdir {workdir} is not writable; choose a writable --workdir.")
+    check_resume_config(workdir, config)
+    write_json_atomic(workdir / "config.json", json.loads(config.to_json_best_effort()))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
     """Trains per ``config`` in ``workdir`` (resuming if it holds a run) and returns the final val metrics.
 
@@ -453,31 +525,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     validate_config(config)
     workdir = Path(workdir).expanduser().absolute()
     is_main = jax.process_index() == 0
-    if is_main:
-        try:
-            workdir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise OSError(
-                f"cannot create the workdir {workdir} ({e.strerror}); choose a writable --workdir."
-            ) from e
-        if not os.access(workdir, os.W_OK):
-            raise PermissionError(f"the workdir {workdir} is not writable; choose a writable --workdir.")
-        check_resume_config(workdir, config)
-        write_json_atomic(workdir / "config.json", json.loads(config.to_json_best_effort()))
-
     mesh = data_mesh()
     check_batch_size(config.batch_size, mesh)
+    prepare_workdir(workdir, config)
     data = load_data(config)
-    num_classes = data["train"].num_classes
-    model = build_model(config, num_classes)
     batches = TrainBatches(data["train"], config.batch_size, seed=config.seed, mesh=mesh)
     spe = batches.steps_per_epoch
     total_steps = config.num_epochs * spe
     lr_fn = create_learning_rate_fn(config, spe)
-    tx = create_optimizer(config, lr_fn)
+    task = build_task(config, data["train"].num_classes, mesh, lr_fn)
 
     replicated = NamedSharding(mesh, PartitionSpec())
-    state = jax.device_put(create_train_state(config, model, tx), replicated)
+    state = jax.device_put(task.init_state(), replicated)
     checkpoints = Checkpoints(workdir)
     best_map = -1.0
     restored = Checkpoints.restore(checkpoints.latest, state)
@@ -488,42 +547,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         if is_main:
             print(f"Resuming {workdir} from step {int(meta['step'])} (epoch {meta['epoch']}).")
 
-    train_step = make_train_step(
-        model, tx, lr_fn, config.data.image_size, mesh, crop_scale=tuple(config.data.crop_scale)
-    )
-    eval_step = make_eval_step(model, config.data.image_size, mesh)
     log = MetricsLog(workdir)
     start = int(jax.device_get(state.step))
-    eval_bs = max(config.batch_size, mesh.devices.size)
-
     with jax.set_mesh(mesh):
-        bar = tqdm(total=total_steps, initial=start, disable=not is_main, desc="train", unit="step")
+        bar = tqdm(total=total_steps, initial=start, disable=not is_main, desc=config.task, unit="step")
         acc, acc_n, t0, last = None, 0, time.perf_counter(), start
         for step, batch in batches.iterate(start, total_steps):
-            state, m = train_step(state, batch)
+            state, m = task.train_step(state, batch)
             acc = m if acc is None else jax.tree.map(jnp.add, acc, m)  # stays on the device
             acc_n += 1
             done = step + 1
             if done % config.log_every_steps == 0 or done % spe == 0:
-                host = jax.device_get(acc)  # the only host sync of the loop
-                loss = float(host["loss"]) / acc_n
-                if not math.isfinite(loss):
+                host = {k: float(v) / acc_n for k, v in jax.device_get(acc).items()}  # the loop's only sync
+                if not all(math.isfinite(v) for v in host.values()):
+                    bad = ", ".join(f"{k}={v}" for k, v in host.items() if not math.isfinite(v))
                     raise FloatingPointError(
-                        f"the training loss became {loss} at step {done}; the last good checkpoint is "
+                        f"training became non-finite ({bad}) by step {done}; the last good checkpoint is "
                         f"step {checkpoints.latest.latest_step()} in {workdir / 'checkpoints' / 'latest'} "
                         "(lower the learning rate or check the data)."
                     )
                 rate = (done - last) / (time.perf_counter() - t0)
-                log.write(
-                    step=done, epoch=done / spe, loss=loss, lr=float(host["lr"]) / acc_n, steps_per_s=rate
-                )
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{float(host['lr']) / acc_n:.3g}")
+                log.write(step=done, epoch=done / spe, steps_per_s=rate, **host)
+                bar.set_postfix(loss=f"{host['loss']:.4f}", lr=f"{host['lr']:.3g}")
                 bar.update(done - bar.n)
                 acc, acc_n, t0, last = None, 0, time.perf_counter(), done
             if done % spe == 0:
                 epoch = done // spe
                 if epoch % config.eval_every_epochs == 0 or done == total_steps:
-                    val = evaluate(eval_step, state.params, state.batch_stats, data["val"], eval_bs, mesh)
+                    val = task.evaluate(state, data["val"])
                     log.write(step=done, epoch=epoch, **{f"val/{k}": v for k, v in val.items()})
                     if val["mAP"] > best_map:
                         best_map = val["mAP"]
@@ -535,15 +586,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     checkpoints.save_latest(state, meta)
         bar.close()
 
-    final = evaluate(eval_step, state.params, state.batch_stats, data["val"], eval_bs, mesh)
-    last_step = int(jax.device_get(state.step))
-    rows = {f"val, last (step {last_step})": final}
-    best = Checkpoints.restore(checkpoints.best, state)
-    checkpoints.close()
-    if best is not None:
-        best_state, best_meta = best
-        best_val = evaluate(eval_step, best_state.params, best_state.batch_stats, data["val"], eval_bs, mesh)
-        rows[f"val, best (step {best_meta['step']})"] = best_val
+        final = task.evaluate(state, data["val"])
+        last_step = int(jax.device_get(state.step))
+        rows = {f"val, last (step {last_step})": final}
+        best = Checkpoints.restore(checkpoints.best, state)
+        checkpoints.close()
+        if best is not None:
+            rows[f"val, best (step {best[1]['step']})"] = task.evaluate(best[0], data["val"])
     if is_main:
         write_json_atomic(workdir / "final_metrics.json", {"step": last_step, "val": final, "rows": rows})
         print(format_table(rows, percent=CLASSIFICATION_PERCENT))

@@ -82,14 +82,18 @@ def test_tap_gradient_matches_central_differences_float64():
         variables = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
         # Non-trivial BN statistics so that the eval-mode affine map matters.
         rng = np.random.default_rng(0)
-        variables["batch_stats"] = jax.tree.map(
-            lambda a: jnp.asarray(rng.uniform(0.5, 1.5, a.shape)), variables["batch_stats"]
-        )
+        variables["batch_stats"] = {
+            name: {"mean": jnp.asarray(rng.normal(0, 0.1, s["mean"].shape)),
+                   "var": jnp.asarray(rng.uniform(0.5, 1.5, s["var"].shape))}
+            for name, s in variables["batch_stats"].items()
+        }  # fmt: skip
         x = jnp.asarray(rng.normal(size=(2, 16, 16, 3)))
         seed = jnp.asarray(rng.normal(size=(2, 5)))
         tap = "conv2_1"
         _, acts, grads, _ = tap_gradients(model, variables, x, seed, [tap])
         assert grads[tap].dtype == jnp.float64
+        # Enough live units that the comparison is not 0 == 0.
+        assert np.count_nonzero(np.asarray(grads[tap])) > grads[tap].size // 4
 
         def score(offset):
             logits, _ = model.apply(variables, x, offsets={tap: offset})
@@ -97,11 +101,13 @@ def test_tap_gradient_matches_central_differences_float64():
 
         eps = 1e-6
         zero = np.zeros(acts[tap].shape)
-        for idx in [(0, 3, 4, 1), (1, 7, 0, 5), (0, 0, 0, 0), (1, 5, 6, 2)]:
+        g = np.asarray(grads[tap])
+        live = [tuple(i) for i in np.argwhere(np.abs(g) > 1e-3)[:: max(1, np.count_nonzero(g) // 6)]]
+        for idx in live[:6] + [(0, 3, 4, 1), (1, 7, 0, 5)]:
             e = zero.copy()
             e[idx] = eps
             fd = (score(jnp.asarray(e)) - score(jnp.asarray(-e))) / (2 * eps)
-            np.testing.assert_allclose(float(grads[tap][idx]), fd, rtol=1e-6, atol=1e-9)
+            np.testing.assert_allclose(float(g[idx]), fd, rtol=1e-6, atol=1e-9)
 
 
 # --- torchvision import: a numpy float64 forward pass in torch's NCHW layout as the reference ---

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from apjax.models.taps import tap_gradients, tap_shapes
+from apjax.models.taps import tap_gradients, tap_shapes, top1_seed
 from apjax.models.vgg import (
     VGG,
     VGG16_WIDTHS,
@@ -32,10 +32,25 @@ VARIANTS: dict[str, tuple] = {
 
 
 def variant_widths(name: str) -> tuple:
-    """The widths of a named variant; ``ValueError`` listing the choices for an unknown name."""
+    """The widths of a named variant (``'vgg16/8'``) or of an explicit list (``'8,8,M,16,M'``).
+
+    ``ValueError`` listing the choices for an unknown name or a malformed list.
+    """
+    if "," in name:
+        items = [w.strip() for w in name.split(",")]
+        if all(w == "M" or w.isdigit() and int(w) > 0 for w in items) and any(w != "M" for w in items):
+            return tuple(w if w == "M" else int(w) for w in items)
+        raise ValueError(f"model {name!r} is not a list of positive conv widths and 'M' pools.")
     if name not in VARIANTS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(VARIANTS)}.")
+        raise ValueError(
+            f"unknown model {name!r}; choose one of {sorted(VARIANTS)} or give widths like '8,8,M,16,M'."
+        )
     return VARIANTS[name]
+
+
+def widths_string(widths) -> str:
+    """The config form of a widths list: ``(8, 8, 'M')`` -> ``'8,8,M'``."""
+    return ",".join(str(w) for w in widths)
 
 
 def create_model(
@@ -78,5 +93,7 @@ __all__ = [
     "tap_gradients",
     "tap_names",
     "tap_shapes",
+    "top1_seed",
     "variant_widths",
+    "widths_string",
 ]

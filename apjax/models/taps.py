@@ -1,15 +1,16 @@
 """Activations and gradients at named taps: the raw material of every attribution map.
 
 ``tap_gradients`` runs one forward pass that returns the logits and the activations A at the requested
-taps, and the gradient of ``sum_b <seed_b, logits_b>`` with respect to each A, all in one ``jax.grad``
-through zero offsets added at the taps. With a one-hot ``seed`` of class k this is d logit_k / d A per
-image (images are independent in eval mode; in train mode BatchNorm's batch statistics couple them, as
-in the reference). The result is differentiable again, which the matching loss needs (second order).
+taps, and the gradient of ``sum_b <seed_b, logits_b>`` with respect to each A: one ``jax.vjp`` through
+zero offsets added at the taps (the gradient with respect to a zero offset is the gradient at the tap).
+With a one-hot ``seed`` of class k this is d logit_k / d A per image (images are independent in eval
+mode; in train mode BatchNorm's batch statistics couple them, as in the reference). The result is
+differentiable again, which the matching loss needs (second order).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -29,7 +30,7 @@ def tap_gradients(
     model: nn.Module,
     variables: Mapping[str, Any],
     x: jax.Array,
-    seed: jax.Array,
+    seed: jax.Array | Callable[[jax.Array], jax.Array],
     taps: Sequence[str],
     *,
     train: bool = False,
@@ -37,11 +38,15 @@ def tap_gradients(
 ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array], dict[str, Any]]:
     """Logits, tap activations and the gradients of the seeded logits with respect to them.
 
+    One forward pass and one backward pass (``jax.vjp`` through zero offsets at the taps); the seed may
+    depend on the logits of that same forward pass, e.g. a one-hot of each image's top-1 class.
+
     Args:
       model: a :class:`~apjax.models.vgg.VGG`.
       variables: ``{'params': ..., 'batch_stats': ...}``.
       x: images (B, H, W, 3).
-      seed: (B, num_classes) weights on the logits, e.g. a one-hot of each image's class.
+      seed: (B, num_classes) weights on the logits, or a function logits -> such weights (its output is
+        treated as a constant).
       taps: tap names (see :func:`apjax.models.vgg.tap_names`).
       train: training mode (batch statistics, dropout; needs ``rngs={'dropout': key}``).
       rngs: PRNG keys for ``apply``.
@@ -56,11 +61,17 @@ def tap_gradients(
     zeros = {t: jnp.zeros(s.shape, s.dtype) for t, s in shapes.items()}
     mutable = ["batch_stats"] if train else False
 
-    def seeded(offsets):
+    def forward(offsets):
         out = model.apply(variables, x, train=train, taps=taps, offsets=offsets, rngs=rngs, mutable=mutable)
         (logits, acts), updates = out if train else (out, {})
-        score = jnp.sum(logits * seed.astype(logits.dtype))
-        return score, (logits, acts, updates)
+        return logits, (acts, updates)
 
-    grads, (logits, acts, updates) = jax.grad(seeded, has_aux=True)(zeros)
+    logits, pullback, (acts, updates) = jax.vjp(forward, zeros, has_aux=True)
+    weights = seed(logits) if callable(seed) else seed
+    (grads,) = pullback(jax.lax.stop_gradient(weights).astype(logits.dtype))
     return logits, acts, grads, updates
+
+
+def top1_seed(logits: jax.Array) -> jax.Array:
+    """One-hot (B, K) of each image's largest logit: the class whose map the method matches."""
+    return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=logits.dtype)

@@ -143,4 +143,5 @@ class VGG(nn.Module):
         x = x.reshape(x.shape[0], -1)  # (H, W, C) order
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         logits = nn.Dense(self.num_classes, kernel_init=_dense_init, dtype=self.dtype, name="head")(x)
-        return logits.astype(jnp.float32), acts
+        # float32 logits under bfloat16 computation; float64 stays float64 (finite-difference tests).
+        return logits.astype(jnp.promote_types(self.dtype, jnp.float32)), acts

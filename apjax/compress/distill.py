@@ -1,0 +1,302 @@
+"""Attribution-preserving knowledge distillation (SPEC sections 4 and 5): the ``distill`` task.
+
+A frozen teacher (restored from its workdir's best checkpoint, eval mode, never updated or saved again)
+and a student of any widths see the same augmented batch. In ONE jitted step: the teacher's forward pass
+(and, for SWA/SSWA, its tap gradients for its top-1 class k), the teacher map, the student's forward pass
+in train mode with its tap gradients for the same k, the student map, the loss
+
+    L = alpha * T^2 * KL(teacher || student) + (1 - alpha) * BCE + beta * sum_taps matching(M_s, M_t)
+
+and its gradient with respect to the student's parameters, which runs through d logit_k / d A of the
+student (second order), then the update. Methods: ``kd`` (no matching), ``ewa``, ``swa``, ``sswa`` (the
+teacher's channels randomly dropped before the sum: a fixed count per batch as in the reference, or
+Bernoulli per image and channel as in the paper).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from apjax import metrics as metrics_lib
+from apjax import train_lib
+from apjax.attribution import (
+    bernoulli_channel_mask,
+    fixed_count_channel_mask,
+    map_cosine_similarity,
+    swa_map,
+    tap_maps,
+)
+from apjax.compress.losses import MATCHING_FORMS, kd_loss, multi_tap_matching_loss
+from apjax.data.augment import eval_preprocess, train_augment
+from apjax.data.cache import HostCache
+from apjax.data.pipeline import batch_sharding, eval_batches
+from apjax.models import tap_gradients, tap_names, top1_seed
+
+METHODS = ("kd", "ewa", "swa", "sswa")
+SSWA_MODES = ("fixed_count", "bernoulli")
+
+
+# ------------------------------------------------------------------------------------------------
+# Config and teacher.
+# ------------------------------------------------------------------------------------------------
+
+
+def validate_distill_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ``ValueError`` (one sentence) for a bad ``config.distill`` value."""
+    d = config.distill
+    if d.method not in METHODS:
+        raise ValueError(f"unknown distillation method {d.method!r}; choose one of {list(METHODS)}.")
+    if d.matching_form not in MATCHING_FORMS:
+        raise ValueError(f"unknown matching_form {d.matching_form!r}; choose one of {list(MATCHING_FORMS)}.")
+    if d.sswa_mode not in SSWA_MODES:
+        raise ValueError(f"unknown sswa_mode {d.sswa_mode!r}; choose one of {list(SSWA_MODES)}.")
+    if not 0 <= d.sswa_drop < 1:
+        raise ValueError(f"config.distill.sswa_drop must be in [0, 1), got {d.sswa_drop!r}.")
+    if not d.beta >= 0:
+        raise ValueError(f"config.distill.beta must be >= 0, got {d.beta!r}.")
+    if not d.temperature > 0:
+        raise ValueError(f"config.distill.temperature must be > 0, got {d.temperature!r}.")
+    if not 0 <= d.alpha <= 1:
+        raise ValueError(f"config.distill.alpha must be in [0, 1], got {d.alpha!r}.")
+    taps = list(d.taps)
+    known = tap_names(train_lib.create_model(config.model).widths)
+    if d.method != "kd" and (not taps or any(t not in known for t in taps)):
+        raise ValueError(f"config.distill.taps must be a non-empty subset of {list(known)}, got {taps}.")
+    if not d.teacher_workdir:
+        raise ValueError(
+            "config.distill.teacher_workdir is empty; set it to the --workdir of a trained teacher."
+        )
+
+
+def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The teacher run's own config, checked against the student's data."""
+    from apjax.eval_lib import load_workdir_config
+
+    workdir = Path(os.path.expanduser(config.distill.teacher_workdir))
+    if not (workdir / "config.json").exists():
+        raise FileNotFoundError(
+            f"no trained teacher in {workdir} (config.distill.teacher_workdir): train one first with "
+            f"python train.py --config configs/teacher_vgg16.py --workdir {workdir}, or point the option "
+            "at the teacher's workdir."
+        )
+    tc = load_workdir_config(workdir)
+    same = tc.data.dataset == config.data.dataset and (
+        tc.data.dataset != "synthetic" or train_lib.num_classes_of(tc) == train_lib.num_classes_of(config)
+    )
+    if not same:
+        raise ValueError(
+            f"the teacher in {workdir} was trained on {tc.data.dataset} with "
+            f"{train_lib.num_classes_of(tc)} classes but the student uses {config.data.dataset} with "
+            f"{train_lib.num_classes_of(config)}; use a teacher trained on the same data."
+        )
+    return tc
+
+
+def load_teacher(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Any, dict]:
+    """(teacher model computing in the student's precision, replicated eval variables)."""
+    from apjax.eval_lib import restore_state
+
+    tc = teacher_config(config)
+    workdir = os.path.expanduser(config.distill.teacher_workdir)
+    _, state, _ = restore_state(tc, workdir, config.distill.teacher_checkpoint)
+    model = train_lib.create_model(
+        tc.model, num_classes=train_lib.num_classes_of(tc), dtype=train_lib.PRECISIONS[config.precision]
+    )
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return model, jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
+
+
+# ------------------------------------------------------------------------------------------------
+# Maps of one batch.
+# ------------------------------------------------------------------------------------------------
+
+
+def sswa_masks(key: jax.Array, acts: Mapping[str, jax.Array], mode: str, drop: float) -> dict[str, jax.Array]:
+    """Per-tap channel keep masks for the teacher: (1, C) fixed count per batch or (B, C) Bernoulli."""
+    masks = {}
+    for i, (tap, a) in enumerate(sorted(acts.items())):
+        k = jax.random.fold_in(key, i)
+        batch, channels = a.shape[0], a.shape[-1]
+        if mode == "fixed_count":
+            masks[tap] = fixed_count_channel_mask(k, channels, drop)[None, :]
+        else:
+            masks[tap] = bernoulli_channel_mask(k, batch, channels, 1.0 - drop)
+    return masks
+
+
+def teacher_maps(
+    teacher, variables, x: jax.Array, d: ml_collections.ConfigDict, key: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Teacher logits and its maps at ``d.taps`` (eval mode, no parameter gradient)."""
+    taps = tuple(d.taps)
+    if d.method == "kd":
+        logits, _ = teacher.apply(variables, x)
+        return jax.lax.stop_gradient(logits), {}
+    if d.method == "ewa":
+        logits, acts = teacher.apply(variables, x, taps=taps)
+        maps = tap_maps("ewa", acts, None)
+    else:
+        logits, acts, grads, _ = tap_gradients(teacher, variables, x, top1_seed, taps)
+        masks = sswa_masks(key, acts, d.sswa_mode, d.sswa_drop) if d.method == "sswa" else None
+        maps = tap_maps(d.method, acts, grads, masks)
+    return jax.lax.stop_gradient(logits), jax.tree.map(jax.lax.stop_gradient, maps)
+
+
+# ------------------------------------------------------------------------------------------------
+# The step.
+# ------------------------------------------------------------------------------------------------
+
+
+def make_distill_step(
+    student,
+    teacher,
+    tx: optax.GradientTransformation,
+    lr_fn: optax.Schedule,
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+):
+    """The jitted ``(state, teacher_variables, batch) -> (state, metrics)``; state donated.
+
+    Metrics (on the device): ``loss``, ``kd``, ``bce``, ``match`` (0 for ``kd``), ``lr``.
+    """
+    d = config.distill
+    taps = tuple(d.taps)
+    image_size, crop_scale = config.data.image_size, tuple(config.data.crop_scale)
+
+    def step(state: train_lib.TrainState, teacher_vars, batch):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        aug_key, dropout_key, mask_key = jax.random.split(key, 3)
+        x = train_augment(
+            aug_key,
+            batch["images"],
+            batch["sizes"],
+            out_size=image_size,
+            dtype=student.dtype,
+            scale=crop_scale,
+        )
+        labels = batch["labels"].astype(jnp.float32)
+        t_logits, t_maps = teacher_maps(teacher, teacher_vars, x, d, mask_key)
+        seed = top1_seed(t_logits)  # the teacher's class k, used for the student too
+
+        def loss_fn(params):
+            variables = {"params": params, "batch_stats": state.batch_stats}
+            rngs = {"dropout": dropout_key}
+            if d.method in ("swa", "sswa"):
+                s_logits, s_acts, s_grads, updates = tap_gradients(
+                    student, variables, x, seed, taps, train=True, rngs=rngs
+                )
+            else:
+                (s_logits, s_acts), updates = student.apply(
+                    variables, x, train=True, taps=taps if d.method == "ewa" else (), rngs=rngs,
+                    mutable=["batch_stats"],
+                )  # fmt: skip
+                s_grads = None
+            loss, parts = kd_loss(s_logits, t_logits, labels, temperature=d.temperature, alpha=d.alpha)
+            match = jnp.zeros((), jnp.float32)
+            if d.method != "kd":
+                # The student's map is never channel-dropped: SSWA's masks are the teacher's alone.
+                s_maps = tap_maps("swa" if d.method == "sswa" else d.method, s_acts, s_grads)
+                match = multi_tap_matching_loss(s_maps, t_maps, d.matching_form)
+                loss = loss + d.beta * match
+            return loss, ({**parts, "match": match}, updates["batch_stats"])
+
+        (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+        )
+        return new_state, {"loss": loss, "lr": lr_fn(state.step), **parts}
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(
+        step,
+        in_shardings=(replicated, replicated, batch_sharding(mesh)),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation: classification plus teacher-student map similarity.
+# ------------------------------------------------------------------------------------------------
+
+
+def make_similarity_eval_step(student, teacher, config: ml_collections.ConfigDict, mesh: Mesh):
+    """Jitted ``(student_vars, teacher_vars, images) -> (student logits (B, K), cos (B,))``.
+
+    Both nets in eval mode; the maps are unmasked SWA maps at ``distill.taps`` for the teacher's top-1
+    class (for every method, so that runs compare on one scale), cosine averaged over the taps.
+    """
+    taps = tuple(config.distill.taps) or ("pool5",)
+    image_size = config.data.image_size
+
+    def step(student_vars, teacher_vars, images):
+        x = eval_preprocess(images, out_size=image_size, dtype=student.dtype)
+        t_logits, t_acts, t_grads, _ = tap_gradients(teacher, teacher_vars, x, top1_seed, taps)
+        seed = top1_seed(t_logits)
+        s_logits, s_acts, s_grads, _ = tap_gradients(student, student_vars, x, seed, taps)
+        cos = [
+            map_cosine_similarity(swa_map(s_acts[t], s_grads[t]), swa_map(t_acts[t], t_grads[t]))
+            for t in taps
+        ]
+        return s_logits, jnp.mean(jnp.stack(cos), axis=0)
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(
+        step,
+        in_shardings=(replicated, replicated, batch_sharding(mesh)),
+        out_shardings=(batch_sharding(mesh), batch_sharding(mesh)),
+    )
+
+
+def evaluate_distillation(
+    eval_step, state: train_lib.TrainState, teacher_vars, cache: HostCache, batch_size: int, mesh: Mesh
+) -> dict[str, float]:
+    """mAP, per-image AP, F1, BCE and the mean teacher-student map cosine similarity (``map_cos``)."""
+    student_vars = {"params": state.params, "batch_stats": state.batch_stats}
+    outs = [
+        (*eval_step(student_vars, teacher_vars, b["images"]), b["valid"])
+        for b in eval_batches(cache, batch_size, mesh)
+    ]
+    host = train_lib._to_host
+    logits = np.concatenate([host(lg)[host(v)] for lg, _, v in outs])
+    cos = np.concatenate([host(c)[host(v)] for _, c, v in outs])
+    labels = np.asarray(cache.labels, np.float32)
+    m = metrics_lib.classification_metrics(logits, labels)
+    m["bce"] = float(np.mean(optax.sigmoid_binary_cross_entropy(logits, labels)))
+    m["map_cos"] = float(np.mean(cos))
+    return m
+
+
+def distill_task(
+    config: ml_collections.ConfigDict, num_classes: int, mesh: Mesh, lr_fn: optax.Schedule
+) -> train_lib.Task:
+    """The ``distill`` task for the common training loop."""
+    teacher, teacher_vars = load_teacher(config, mesh)
+    student = train_lib.build_model(config, num_classes)
+    tx = train_lib.create_optimizer(config, lr_fn)
+    step = make_distill_step(student, teacher, tx, lr_fn, config, mesh)
+    eval_step = make_similarity_eval_step(student, teacher, config, mesh)
+    eval_bs = max(config.batch_size, mesh.devices.size)
+    return train_lib.Task(
+        model=student,
+        tx=tx,
+        init_state=lambda: train_lib.create_train_state(config, student, tx),
+        train_step=lambda state, batch: step(state, teacher_vars, batch),
+        evaluate=lambda state, cache: evaluate_distillation(
+            eval_step, state, teacher_vars, cache, eval_bs, mesh
+        ),
+    )
