@@ -219,6 +219,24 @@ def bce_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.mean(optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), labels))
 
 
+def step_keys(state: TrainState, n: int) -> jax.Array:
+    """``n`` PRNG keys for the step ``state.step``: a function of the run's key and the step alone."""
+    return jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step), n)
+
+
+def apply_gradients(
+    state: TrainState, tx: optax.GradientTransformation, grads: Any, batch_stats: Any
+) -> TrainState:
+    """The state after one optimizer update with ``grads`` and the new BatchNorm statistics."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+    )
+
+
 def make_train_step(
     model,
     tx: optax.GradientTransformation,
@@ -235,8 +253,7 @@ def make_train_step(
     """
 
     def step(state: TrainState, batch: Mapping[str, jax.Array]):
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        aug_key, dropout_key = jax.random.split(key)
+        aug_key, dropout_key = step_keys(state, 2)
         x = train_augment(
             aug_key, batch["images"], batch["sizes"], out_size=image_size, dtype=model.dtype, scale=crop_scale
         )
@@ -253,14 +270,7 @@ def make_train_step(
             return bce_loss(logits, labels), updates["batch_stats"]
 
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_state = state.replace(
-            step=state.step + 1,
-            params=optax.apply_updates(state.params, updates),
-            batch_stats=batch_stats,
-            opt_state=opt_state,
-        )
-        return new_state, {"loss": loss, "lr": lr_fn(state.step)}
+        return apply_gradients(state, tx, grads, batch_stats), {"loss": loss, "lr": lr_fn(state.step)}
 
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(

@@ -230,7 +230,7 @@ def test_missing_manual_dir(tmp_path):
 
 
 def test_load_before_prepare(tmp_path):
-    with pytest.raises(voc.DatasetNotFoundError, match="prepare_voc"):
+    with pytest.raises(voc.DatasetNotFoundError, match="prepare_voc.*data=synthetic"):
         voc.load_voc_split(str(tmp_path), "segmentation_val")
     with pytest.raises(ValueError, match="segmentation_val"):
         voc.load_voc_split(str(tmp_path), "test")

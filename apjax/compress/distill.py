@@ -174,8 +174,7 @@ def make_distill_step(
     image_size, crop_scale = config.data.image_size, tuple(config.data.crop_scale)
 
     def step(state: train_lib.TrainState, teacher_vars, batch):
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        aug_key, dropout_key, mask_key = jax.random.split(key, 3)
+        aug_key, dropout_key, mask_key = train_lib.step_keys(state, 3)
         x = train_augment(
             aug_key,
             batch["images"],
@@ -211,13 +210,7 @@ def make_distill_step(
             return loss, ({**parts, "match": match}, updates["batch_stats"])
 
         (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_state = state.replace(
-            step=state.step + 1,
-            params=optax.apply_updates(state.params, updates),
-            batch_stats=batch_stats,
-            opt_state=opt_state,
-        )
+        new_state = train_lib.apply_gradients(state, tx, grads, batch_stats)
         return new_state, {"loss": loss, "lr": lr_fn(state.step), **parts}
 
     replicated = NamedSharding(mesh, PartitionSpec())

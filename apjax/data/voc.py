@@ -469,6 +469,7 @@ def load_voc_split(data_dir: str | os.PathLike, split: str):
         raise DatasetNotFoundError(
             f"PASCAL VOC 2012 ({config}) is not prepared in {data_dir}: run "
             f"apjax.data.voc.prepare_voc({os.fspath(data_dir)!r}) first, with {VOC_TAR_NAME} "
-            f"(from {VOC_URL}) in {data_dir / 'downloads' / 'manual'}."
+            f"(from {VOC_URL}) in {data_dir / 'downloads' / 'manual'}, or use the built-in synthetic "
+            "benchmark instead (config argument data=synthetic, as in configs/vgg16_kd.py:data=synthetic)."
         )
     return builder.as_data_source(split=tfds_split)
