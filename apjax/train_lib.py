@@ -152,18 +152,23 @@ class TrainState:
     rng: jax.Array
 
 
-def steps_per_epoch(num_train: int, batch_size: int) -> int:
-    """Steps in one epoch (the last incomplete batch is dropped)."""
-    return num_train // batch_size
+def epochs_to_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dict[str, Any]:
+    """Every epoch-based duration of ``config`` in steps: the one place where epochs become steps.
+
+    Returns ``{'total': num_epochs * steps_per_epoch, 'lr_decay': [e * steps_per_epoch, ...]}``; the
+    learning rate drops at the first step of each decay epoch, as torch's MultiStepLR stepped once per
+    epoch does.
+    """
+    return {
+        "total": int(config.num_epochs) * steps_per_epoch,
+        "lr_decay": [int(e) * steps_per_epoch for e in config.lr_decay_epochs],
+    }
 
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
-    """Piecewise-constant learning rate: ``lr * factor**(number of decay epochs <= epoch of step)``.
-
-    Epochs are converted to steps here and nowhere else: the rate drops at the first step of each decay
-    epoch (step ``e * steps_per_epoch``), as torch's MultiStepLR stepped once per epoch does.
-    """
-    boundaries = {int(e) * steps_per_epoch: config.lr_decay_factor for e in config.lr_decay_epochs}
+    """Piecewise-constant learning rate: ``lr * factor**(number of decay epochs <= epoch of step)``."""
+    steps = epochs_to_steps(config, steps_per_epoch)["lr_decay"]
+    boundaries = {b: config.lr_decay_factor for b in steps}
     return optax.piecewise_constant_schedule(config.optimizer.learning_rate, boundaries)
 
 
@@ -541,7 +546,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     data = load_data(config)
     batches = TrainBatches(data["train"], config.batch_size, seed=config.seed, mesh=mesh)
     spe = batches.steps_per_epoch
-    total_steps = config.num_epochs * spe
+    total_steps = epochs_to_steps(config, spe)["total"]
     lr_fn = create_learning_rate_fn(config, spe)
     task = build_task(config, data["train"].num_classes, mesh, lr_fn)
 

@@ -7,9 +7,9 @@ mAP 80.86, F1 61.43, Grad-CAM AUC 88.06, and teacher-student cosine 0.842):
   python train.py --config configs/vgg16_kd.py --workdir workdirs/kd_x8_sswa \
       --config.distill.teacher_workdir=workdirs/teacher
 
-On the synthetic benchmark's small variant (after the small teacher of configs/teacher_vgg16.py; a few
-minutes per student on 2 CPU cores; expect a val mAP well above chance and, with sswa, a higher map
-cosine similarity to the teacher than with kd):
+On the synthetic benchmark's small variant (after the small teacher of configs/teacher_vgg16.py; about
+6 minutes per student on 2 CPU cores; the x8 student with kd measured val mAP 41.0 and map cosine 0.33 to
+the teacher; with sswa the cosine is far higher):
 
   python train.py --config configs/vgg16_kd.py:data=synthetic,small,method=kd --workdir workdirs/kd_small
   python train.py --config configs/vgg16_kd.py:data=synthetic,small --workdir workdirs/sswa_small
@@ -80,6 +80,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.num_epochs = 12
         c.lr_decay_epochs = (8, 11)
         c.optimizer.learning_rate = 0.05
-        c.optimizer.momentum = 0.9  # without momentum the small students barely move in 12 epochs
+        # The short CPU schedule trains like the small teacher, with momentum (the reference's KD has none).
+        c.optimizer.momentum = 0.9
+        # With momentum, the reference's beta of 100 drove this tiny student's maps and logits dead within two
+        # epochs (val mAP at chance, map cosine 0); beta 10 keeps the matching term near the KD term's size.
+        c.distill.beta = 10.0
         c.log_every_steps = 20
     return c
