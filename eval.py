@@ -1,9 +1,13 @@
-r"""Evaluates a training run's checkpoint: classification metrics on a split, as a table and a JSON file.
+r"""Evaluates trained runs: classification metrics of a checkpoint, and localisation of attribution maps.
 
-  python eval.py --workdir workdirs/teacher_small               # best checkpoint on val
+  python eval.py --workdir workdirs/teacher_small                     # best checkpoint, val mAP/F1
   python eval.py --workdir workdirs/teacher_small --checkpoint latest --split train
+  python eval.py --workdir workdirs/teacher_small --workdir workdirs/kd_small --workdir workdirs/sswa_small \
+      --methods gradcam,excitation_bp,lrp,rap --out results/kd_small
 
-The run's own config.json is used unless --config is given.
+With --methods (or several --workdir, the teacher first), writes the localisation report: a JSON of every
+number, a Markdown table in the layout of the paper's Tables 2 and 8, and one PNG figure per method.
+The runs' own config.json files are used unless --config is given.
 """
 
 from __future__ import annotations
@@ -18,9 +22,20 @@ from ml_collections import config_flags
 from apjax import eval_lib, train_lib
 
 config_flags.DEFINE_config_file("config", None, "Config file (default: the workdir's config.json).")
-flags.DEFINE_string("workdir", None, "The training run's directory.")
+flags.DEFINE_multi_string(
+    "workdir", None, "A training run's directory; repeat for a teacher and its students."
+)
 flags.DEFINE_enum("checkpoint", "best", list(eval_lib.CHECKPOINTS), "Which checkpoint to evaluate.")
-flags.DEFINE_string("split", "val", "Split to evaluate: train, val or segmentation_val.")
+flags.DEFINE_string("split", "val", "Split for classification metrics: train, val or segmentation_val.")
+flags.DEFINE_list("methods", [], "Attribution methods for localisation, e.g. gradcam,excitation_bp,lrp,rap.")
+flags.DEFINE_string(
+    "out", None, "Folder for the localisation report (default: <first workdir>/localization)."
+)
+flags.DEFINE_float("tolerance", 0.0, "Pointing-game tolerance in pixels (TorchRay uses 15).")
+flags.DEFINE_integer("batch_size", 32, "Pairs per attribution batch.")
+flags.DEFINE_integer("figure_images", 6, "Images per figure.")
+flags.DEFINE_integer("ig_steps", 32, "Integrated Gradients steps.")
+flags.DEFINE_integer("smoothgrad_samples", 16, "SmoothGrad samples.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-process runs).")
 flags.mark_flags_as_required(["workdir"])
 
@@ -32,7 +47,26 @@ def main(argv: list[str]) -> None:
     if f.distributed:
         jax.distributed.initialize()
     try:
-        result = eval_lib.evaluate_workdir(f.workdir, f.checkpoint, f.split, config=f.config)
+        if f.methods or len(f.workdir) > 1:
+            results = eval_lib.localization_report(
+                f.workdir,
+                methods=tuple(f.methods or ["gradcam"]),
+                out_dir=f.out,
+                which=f.checkpoint,
+                batch_size=f.batch_size,
+                tolerance=f.tolerance,
+                figure_images=f.figure_images,
+                ig_steps=f.ig_steps,
+                smoothgrad_samples=f.smoothgrad_samples,
+            )
+            if jax.process_index() == 0:
+                from apjax.attribution.methods import LABELS
+
+                print(eval_lib.localization_table(results, LABELS))
+                out = f.out or os.path.join(f.workdir[0], "localization")
+                print(f"written to {out}/localization.json, localization.md and figures/")
+            return
+        result = eval_lib.evaluate_workdir(f.workdir[0], f.checkpoint, f.split, config=f.config)
     except train_lib.USER_ERRORS as e:
         if os.environ.get("APJAX_DEBUG"):
             raise
@@ -41,7 +75,7 @@ def main(argv: list[str]) -> None:
         metrics = {k: result[k] for k in ("mAP", "per_image_AP", "F1", "bce")}
         name = f"{f.split} ({f.checkpoint}, step {result['step']})"
         print(train_lib.format_table({name: metrics}, percent=train_lib.CLASSIFICATION_PERCENT))
-        print(f"written to {os.path.join(f.workdir, f'eval_{f.checkpoint}_{f.split}.json')}")
+        print(f"written to {os.path.join(f.workdir[0], f'eval_{f.checkpoint}_{f.split}.json')}")
 
 
 if __name__ == "__main__":
