@@ -225,8 +225,9 @@ def localization_report(
             t0 = time.perf_counter()
             for _, chunk in _pair_batches(p, batch_size):
                 maps = _maps_for_pairs(fns[r.name], seg.images, chunk, size, batch_size)
-                auc.append(loc.roc_auc(maps, loc.class_targets(masks, chunk)))
-                h, c = loc.pointing_game(maps, loc.class_targets(masks, chunk), tolerance)
+                targets = loc.class_targets(masks, chunk)
+                auc.append(loc.roc_auc(maps, targets))
+                h, c = loc.pointing_game(maps, targets, tolerance)
                 hp, _ = loc.pointing_game(maps, loc.pooled_targets(masks, chunk), tolerance)
                 hits.append(h), pooled.append(hp), constant.append(c)
                 bar.update(len(chunk))
@@ -273,7 +274,7 @@ def localization_report(
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
         train_lib.write_json_atomic(out / "localization.json", results)
-        _write_text_atomic(out / "localization.md", localization_table(results, LABELS))
+        train_lib.write_text_atomic(out / "localization.md", localization_table(results, LABELS))
     return results
 
 
@@ -282,12 +283,6 @@ def _common(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     keys = {tuple(x) for x in b.tolist()}
     rows = [x for x in a.tolist() if tuple(x) in keys]
     return np.asarray(rows, np.int64).reshape(-1, 2)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def localization_table(results: dict, labels: dict[str, str]) -> str:

@@ -306,22 +306,33 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(x)
 
 
+def valid_rows(x: jax.Array, valid: jax.Array) -> np.ndarray:
+    """The rows of a (padded) global eval output flagged by ``valid``, on the host."""
+    return _to_host(x)[_to_host(valid)]
+
+
+def classification_summary(logits: np.ndarray, labels: np.ndarray) -> dict:
+    """mAP, the reference's per-image AP, sample F1 at probability 0.5 and the mean BCE."""
+    labels = np.asarray(labels, np.float32)
+    m = metrics_lib.classification_metrics(logits, labels)
+    m["bce"] = float(np.mean(optax.sigmoid_binary_cross_entropy(logits, labels)))
+    return m
+
+
 def predict(eval_step: Callable, params, batch_stats, cache: HostCache, batch_size: int, mesh: Mesh):
     """Logits of the whole split in order: float32 (N, K), on the host."""
     out = []
     for batch in eval_batches(cache, batch_size, mesh):
         out.append((eval_step(params, batch_stats, batch["images"]), batch["valid"]))
-    logits = np.concatenate([_to_host(lg)[_to_host(v)] for lg, v in out])
+    logits = np.concatenate([valid_rows(lg, v) for lg, v in out])
     return logits
 
 
 def evaluate(eval_step, params, batch_stats, cache: HostCache, batch_size: int, mesh: Mesh) -> dict:
     """Classification metrics of the split: mAP, the reference's per-image AP, sample F1 at 0.5."""
-    logits = predict(eval_step, params, batch_stats, cache, batch_size, mesh)
-    labels = np.asarray(cache.labels, np.float32)
-    m = metrics_lib.classification_metrics(logits, labels)
-    m["bce"] = float(np.mean(optax.sigmoid_binary_cross_entropy(logits, labels)))
-    return m
+    return classification_summary(
+        predict(eval_step, params, batch_stats, cache, batch_size, mesh), cache.labels
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -376,12 +387,17 @@ class Checkpoints:
 # ------------------------------------------------------------------------------------------------
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Writes JSON to ``path`` through a temporary file renamed into place."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file renamed into place."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Writes JSON to ``path`` through a temporary file renamed into place."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _flat(d: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -467,16 +483,12 @@ class Task:
     """What a task (teacher training, distillation, ...) gives the common training loop.
 
     Attributes:
-      model: the model being trained (its checkpoints are this model's).
-      tx: the optimizer.
       init_state: () -> a fresh :class:`TrainState` (not yet on the mesh).
       train_step: (state, batch) -> (state, metrics); jitted, metrics stay on the device. Metrics are
         averaged between log steps; ``loss`` must be among them.
       evaluate: (state, cache) -> dict of floats on a split; must hold ``mAP`` (the best checkpoint's key).
     """
 
-    model: Any
-    tx: optax.GradientTransformation
     init_state: Callable[[], TrainState]
     train_step: Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]
     evaluate: Callable[[TrainState, HostCache], dict[str, float]]
@@ -494,8 +506,6 @@ def teacher_task(
     eval_step = make_eval_step(model, config.data.image_size, mesh)
     eval_bs = max(config.batch_size, mesh.devices.size)
     return Task(
-        model=model,
-        tx=tx,
         init_state=lambda: create_train_state(config, model, tx),
         train_step=step,
         evaluate=lambda state, cache: evaluate(

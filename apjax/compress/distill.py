@@ -27,7 +27,6 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from apjax import metrics as metrics_lib
 from apjax import train_lib
 from apjax.attribution import (
     bernoulli_channel_mask,
@@ -264,12 +263,9 @@ def evaluate_distillation(
         (*eval_step(student_vars, teacher_vars, b["images"]), b["valid"])
         for b in eval_batches(cache, batch_size, mesh)
     ]
-    host = train_lib._to_host
-    logits = np.concatenate([host(lg)[host(v)] for lg, _, v in outs])
-    cos = np.concatenate([host(c)[host(v)] for _, c, v in outs])
-    labels = np.asarray(cache.labels, np.float32)
-    m = metrics_lib.classification_metrics(logits, labels)
-    m["bce"] = float(np.mean(optax.sigmoid_binary_cross_entropy(logits, labels)))
+    logits = np.concatenate([train_lib.valid_rows(lg, v) for lg, _, v in outs])
+    cos = np.concatenate([train_lib.valid_rows(c, v) for _, c, v in outs])
+    m = train_lib.classification_summary(logits, cache.labels)
     m["map_cos"] = float(np.mean(cos))
     return m
 
@@ -285,8 +281,6 @@ def distill_task(
     eval_step = make_similarity_eval_step(student, teacher, config, mesh)
     eval_bs = max(config.batch_size, mesh.devices.size)
     return train_lib.Task(
-        model=student,
-        tx=tx,
         init_state=lambda: train_lib.create_train_state(config, student, tx),
         train_step=lambda state, batch: step(state, teacher_vars, batch),
         evaluate=lambda state, cache: evaluate_distillation(
