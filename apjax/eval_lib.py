@@ -26,13 +26,32 @@ CHECKPOINTS = ("best", "latest")
 
 
 def load_workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """The ``config.json`` a training run saved in ``workdir``."""
-    path = Path(workdir).expanduser() / "config.json"
+    """The ``config.json`` a training run saved in ``workdir``, with the model its weights have.
+
+    A structurally pruned run records its smaller widths in ``model.json``; they replace ``model``.
+    """
+    workdir = Path(workdir).expanduser()
+    path = workdir / "config.json"
     if not path.exists():
         raise FileNotFoundError(
             f"{path} does not exist; pass the --workdir of a training run (it holds config.json)."
         )
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    model_file = workdir / "model.json"
+    if model_file.exists():
+        config.model = json.loads(model_file.read_text())["model"]
+    return config
+
+
+def checkpoint_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Path:
+    """Where a run's checkpoints are: ``workdir`` itself, or for unstructured pruning (whose rounds are
+    runs in ``round_XX/``) its last round that exists."""
+    workdir = Path(workdir)
+    if config.task == "prune_unstructured":
+        rounds = sorted(p for p in workdir.glob("round_[0-9][0-9]") if p.is_dir())
+        if rounds:
+            return rounds[-1]
+    return workdir
 
 
 def restore_state(config: ml_collections.ConfigDict, workdir: str | os.PathLike, which: str):
@@ -45,6 +64,7 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     mesh = data_mesh()
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
+    workdir = checkpoint_workdir(config, workdir)
     checkpoints = train_lib.Checkpoints(workdir)
     try:
         manager = checkpoints.best if which == "best" else checkpoints.latest

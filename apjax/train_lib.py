@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from apjax import metrics as metrics_lib
+from apjax.compress.losses import bce_loss
 from apjax.data import DATASETS, HostCache, class_names, load_cached_split
 from apjax.data.augment import eval_preprocess, train_augment
 from apjax.data.pipeline import TrainBatches, batch_sharding, check_batch_size, data_mesh, eval_batches
@@ -42,7 +43,18 @@ from apjax.data.synthetic import SyntheticConfig
 from apjax.models import check_input_size, create_model, init_variables, variant_widths
 
 TASKS = ("teacher", "distill", "prune_unstructured", "prune_structured")
-AVAILABLE_TASKS = ("teacher", "distill")
+# The config blocks each task reads beyond the common ones, and the config file that has them.
+TASK_BLOCKS = {
+    "distill": ("distill",),
+    "prune_unstructured": ("distill", "prune"),
+    "prune_structured": ("distill", "prune"),
+}
+TASK_CONFIGS = {
+    "teacher": "configs/teacher_vgg16.py",
+    "distill": "configs/vgg16_kd.py",
+    "prune_unstructured": "configs/prune_unstructured.py",
+    "prune_structured": "configs/prune_structured.py",
+}
 # Errors that are the user's to fix (bad config, missing files...): the command lines print their one
 # sentence instead of a traceback.
 USER_ERRORS = (ValueError, KeyError, OSError, FloatingPointError, ImportError)
@@ -67,11 +79,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raises ``ValueError`` with one sentence for the first bad value found."""
     if config.task not in TASKS:
         raise ValueError(f"unknown task {config.task!r}; choose one of {list(TASKS)}.")
-    if config.task not in AVAILABLE_TASKS:
-        raise ValueError(
-            f"task {config.task!r} is not available yet; this version of apjax trains: "
-            f"{list(AVAILABLE_TASKS)}."
-        )
+    for block in TASK_BLOCKS.get(config.task, ()):
+        if block not in config:
+            raise ValueError(
+                f"task {config.task!r} needs a config.{block} block; start from {TASK_CONFIGS[config.task]}."
+            )
     if config.data.dataset not in DATASETS:
         raise ValueError(f"unknown dataset {config.data.dataset!r}; choose one of {list(DATASETS)}.")
     variant_widths(config.model)  # a named variant or a widths list
@@ -114,6 +126,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         from apjax.compress.distill import validate_distill_config
 
         validate_distill_config(config)
+    if config.task.startswith("prune_"):
+        from apjax.compress.prune import validate_prune_config
+
+        validate_prune_config(config)
     check_input_size(create_model(config.model).widths, config.data.image_size)
 
 
@@ -143,6 +159,8 @@ class TrainState:
       opt_state: optimizer state.
       rng: uint32 key data (``jax.random.key_data``) of the run's base key; the key of step s is
         ``fold_in(key, s)``.
+      masks: unstructured pruning masks, conv name -> bool array of that conv's kernel shape (True =
+        kept); every update keeps the masked weights at exactly zero. Empty (``{}``) when not pruning.
     """
 
     step: jax.Array
@@ -150,6 +168,7 @@ class TrainState:
     batch_stats: Any
     opt_state: Any
     rng: jax.Array
+    masks: Any = flax.struct.field(default_factory=dict)
 
 
 def epochs_to_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dict[str, Any]:
@@ -205,12 +224,18 @@ def create_train_state(
         variables = import_torchvision_vgg_bn(
             load_state_dict(os.path.expanduser(config.init_from)), variables, model.widths
         )
+    masks = {}
+    if config.task == "prune_unstructured":
+        from apjax.compress.unstructured import all_kept_masks
+
+        masks = all_kept_masks(variables["params"])
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=variables["params"],
         batch_stats=variables["batch_stats"],
         opt_state=tx.init(variables["params"]),
         rng=jax.random.key_data(run_key),
+        masks=masks,
     )
 
 
@@ -219,24 +244,34 @@ def create_train_state(
 # ------------------------------------------------------------------------------------------------
 
 
-def bce_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean over batch x classes of sigmoid binary cross-entropy (torch's MultiLabelSoftMarginLoss)."""
-    return jnp.mean(optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), labels))
-
-
 def step_keys(state: TrainState, n: int) -> jax.Array:
     """``n`` PRNG keys for the step ``state.step``: a function of the run's key and the step alone."""
     return jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step), n)
 
 
+def mask_params(tree: Any, masks: Mapping[str, jax.Array]) -> Any:
+    """``tree`` (params or gradients) with the conv kernels zeroed where ``masks`` is False."""
+    if not masks:
+        return tree
+    out = dict(tree)
+    for name, m in masks.items():
+        out[name] = {**tree[name], "kernel": jnp.where(m, tree[name]["kernel"], 0)}
+    return out
+
+
 def apply_gradients(
     state: TrainState, tx: optax.GradientTransformation, grads: Any, batch_stats: Any
 ) -> TrainState:
-    """The state after one optimizer update with ``grads`` and the new BatchNorm statistics."""
+    """The state after one optimizer update with ``grads`` and the new BatchNorm statistics.
+
+    With pruning masks, the gradient is masked before the optimizer (so weight decay and momentum of a
+    pruned weight stay zero) and the new weights are masked again: pruned weights stay exactly zero.
+    """
+    grads = mask_params(grads, state.masks)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     return state.replace(
         step=state.step + 1,
-        params=optax.apply_updates(state.params, updates),
+        params=mask_params(optax.apply_updates(state.params, updates), state.masks),
         batch_stats=batch_stats,
         opt_state=opt_state,
     )
@@ -304,6 +339,12 @@ def _to_host(x: jax.Array) -> np.ndarray:
     if jax.process_count() > 1:
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
+
+def sync_processes(name: str) -> None:
+    """A barrier across processes (a no-op in a single process): e.g. after process 0 wrote a file."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def valid_rows(x: jax.Array, valid: jax.Array) -> np.ndarray:
@@ -464,10 +505,18 @@ def load_data(config: ml_collections.ConfigDict, splits=("train", "val")) -> dic
     synthetic = synthetic_config(config) if d.dataset == "synthetic" else None
     sizes = dict(d.split_sizes) if d.dataset == "synthetic" else None
     data_dir = os.path.expanduser(d.data_dir)
-    return {
-        s: load_cached_split(d.dataset, s, data_dir, d.cache_size, synthetic=synthetic, split_sizes=sizes)
-        for s in splits
-    }
+
+    def load() -> dict[str, HostCache]:
+        return {
+            s: load_cached_split(d.dataset, s, data_dir, d.cache_size, synthetic=synthetic, split_sizes=sizes)
+            for s in splits
+        }
+
+    # Several processes sharing one data_dir would generate and cache it at the same time and collide when
+    # renaming their finished folders into place: process 0 goes first, the others then find it ready.
+    first = load() if jax.process_index() == 0 else None
+    sync_processes("apjax: data ready")
+    return first if first is not None else load()
 
 
 def num_classes_of(config: ml_collections.ConfigDict) -> int:
@@ -487,11 +536,14 @@ class Task:
       train_step: (state, batch) -> (state, metrics); jitted, metrics stay on the device. Metrics are
         averaged between log steps; ``loss`` must be among them.
       evaluate: (state, cache) -> dict of floats on a split; must hold ``mAP`` (the best checkpoint's key).
+      describe: optional (final state) -> dict of extra entries for ``final_metrics.json`` (e.g. the
+        parameter counts of a pruned net).
     """
 
     init_state: Callable[[], TrainState]
     train_step: Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]
     evaluate: Callable[[TrainState, HostCache], dict[str, float]]
+    describe: Callable[[TrainState], dict[str, Any]] | None = None
 
 
 def teacher_task(
@@ -514,15 +566,19 @@ def teacher_task(
     )
 
 
-def build_task(config: ml_collections.ConfigDict, num_classes: int, mesh: Mesh, lr_fn) -> Task:
-    """The :class:`Task` of ``config.task``."""
+def build_task(config: ml_collections.ConfigDict, num_classes: int, mesh: Mesh, lr_fn, workdir: Path) -> Task:
+    """The :class:`Task` of ``config.task`` (``prune_unstructured`` runs through its own rounds)."""
     if config.task == "teacher":
         return teacher_task(config, num_classes, mesh, lr_fn)
     if config.task == "distill":
         from apjax.compress.distill import distill_task
 
         return distill_task(config, num_classes, mesh, lr_fn)
-    raise ValueError(f"task {config.task!r} is not available yet; choose one of {list(AVAILABLE_TASKS)}.")
+    if config.task == "prune_structured":
+        from apjax.compress.prune import structured_task
+
+        return structured_task(config, num_classes, mesh, lr_fn, workdir)
+    raise ValueError(f"task {config.task!r} has no single training run; use train_and_evaluate.")
 
 
 def prepare_workdir(workdir: Path, config: ml_collections.ConfigDict) -> None:
@@ -545,21 +601,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     """Trains per ``config`` in ``workdir`` (resuming if it holds a run) and returns the final val metrics.
 
     Writes ``config.json``, ``metrics.jsonl``, ``checkpoints/{latest,best}`` and ``final_metrics.json``
-    (process 0 only).
+    (process 0 only); unstructured pruning writes one such run per round under ``round_XX/``.
     """
     validate_config(config)
     workdir = Path(workdir).expanduser().absolute()
-    is_main = jax.process_index() == 0
     mesh = data_mesh()
     check_batch_size(config.batch_size, mesh)
     prepare_workdir(workdir, config)
     data = load_data(config)
+    if config.task == "prune_unstructured":
+        from apjax.compress.prune import train_unstructured
+
+        return train_unstructured(config, workdir, data, mesh)
     batches = TrainBatches(data["train"], config.batch_size, seed=config.seed, mesh=mesh)
+    lr_fn = create_learning_rate_fn(config, batches.steps_per_epoch)
+    task = build_task(config, data["train"].num_classes, mesh, lr_fn, workdir)
+    return run_training(config, workdir, task, data, batches, mesh)
+
+
+def run_training(
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    task: Task,
+    data: Mapping[str, HostCache],
+    batches: TrainBatches,
+    mesh: Mesh,
+    desc: str | None = None,
+) -> dict[str, float]:
+    """The training loop of one run in a prepared ``workdir``: resume, train, evaluate, checkpoint.
+
+    ``desc`` labels the progress bar (the task's name by default).
+    """
+    is_main = jax.process_index() == 0
     spe = batches.steps_per_epoch
     total_steps = epochs_to_steps(config, spe)["total"]
-    lr_fn = create_learning_rate_fn(config, spe)
-    task = build_task(config, data["train"].num_classes, mesh, lr_fn)
-
     replicated = NamedSharding(mesh, PartitionSpec())
     state = jax.device_put(task.init_state(), replicated)
     checkpoints = Checkpoints(workdir)
@@ -575,7 +650,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     log = MetricsLog(workdir)
     start = int(jax.device_get(state.step))
     with jax.set_mesh(mesh):
-        bar = tqdm(total=total_steps, initial=start, disable=not is_main, desc=config.task, unit="step")
+        label = desc or config.task
+        bar = tqdm(total=total_steps, initial=start, disable=not is_main, desc=label, unit="step")
         acc, acc_n, t0, last = None, 0, time.perf_counter(), start
         for step, batch in batches.iterate(start, total_steps):
             state, m = task.train_step(state, batch)
@@ -619,6 +695,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         if best is not None:
             rows[f"val, best (step {best[1]['step']})"] = task.evaluate(best[0], data["val"])
     if is_main:
-        write_json_atomic(workdir / "final_metrics.json", {"step": last_step, "val": final, "rows": rows})
+        extra = task.describe(state) if task.describe else {}
+        summary = {"step": last_step, "val": final, "rows": rows, **extra}
+        write_json_atomic(workdir / "final_metrics.json", summary)
         print(format_table(rows, percent=CLASSIFICATION_PERCENT))
     return final

@@ -67,3 +67,25 @@ def data_config(data: str, small: bool, image_size: int | None) -> ml_collection
         SMALL_SPLITS if small else dict(train=5717, val=5823, segmentation_val=1449)
     )
     return c
+
+
+def teacher_matching_config(method: str, small: bool) -> ml_collections.ConfigDict:
+    """The ``config.distill`` block: the teacher and the attribution-matching term (SPEC section 5).
+
+    Used by distillation (methods kd|ewa|swa|sswa) and by pruning (naive|ewa|swa|sswa), whose teacher is
+    the unpruned net. The defaults are the reference's; ``small`` points at the small teacher and matches
+    at ``conv5_3`` (at 64x64 the post-pool map is only 2x2).
+    """
+    c = ml_collections.ConfigDict()
+    c.teacher_workdir = "workdirs/teacher_small" if small else "workdirs/teacher"
+    c.teacher_checkpoint = "best"  # or "latest"
+    c.method = method
+    # The layer set I: the reference matches one layer, the output of the last max-pool.
+    c.taps = ("conv5_3",) if small else ("pool5",)
+    c.beta = 100.0  # the reference's beta for SWA/SSWA (none is published for EWA)
+    c.matching_form = "squared_mean"  # the reference's; "l2" is the paper's formula
+    c.sswa_mode = "fixed_count"  # the reference's; "bernoulli" is the paper's R_c ~ Bern(1 - drop)
+    c.sswa_drop = 0.3  # fraction of teacher channels dropped (the reference's README)
+    c.temperature = 4.0  # KD only
+    c.alpha = 0.9  # KD only
+    return c

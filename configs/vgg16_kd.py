@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import data_config, parse_arg
+from configs.common import data_config, parse_arg, teacher_matching_config
 
 STUDENTS = {"x2": "vgg16/2", "x4": "vgg16/4", "x8": "vgg16/8"}
 # configs/teacher_vgg16.py's small teacher, VGG16/4.
@@ -42,18 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.precision = "bfloat16" if a.bf16 else "float32"
     c.init_from = ""  # students start from scratch
 
-    c.distill = ml_collections.ConfigDict()
-    c.distill.teacher_workdir = "workdirs/teacher"
-    c.distill.teacher_checkpoint = "best"  # or "latest"
-    c.distill.method = a.method  # kd | ewa | swa | sswa
-    # The layer set I: the reference matches one layer, the output of the last max-pool.
-    c.distill.taps = ("pool5",)
-    c.distill.beta = 100.0  # the reference's beta for SWA/SSWA (none is published for EWA)
-    c.distill.matching_form = "squared_mean"  # the reference's; "l2" is the paper's formula
-    c.distill.sswa_mode = "fixed_count"  # the reference's; "bernoulli" is the paper's R_c ~ Bern(1 - drop)
-    c.distill.sswa_drop = 0.3  # fraction of teacher channels dropped (the reference's README)
-    c.distill.temperature = 4.0
-    c.distill.alpha = 0.9
+    c.distill = teacher_matching_config(a.method, small=a.small)
 
     c.batch_size = 64
     c.num_epochs = 350
@@ -69,9 +58,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distributed = False
 
     if a.small:
-        c.distill.teacher_workdir = "workdirs/teacher_small"
-        # At 64x64 the post-pool map is 2x2: match the last conv's 4x4 map instead.
-        c.distill.taps = ("conv5_3",)
         # The small teacher is VGG16/4: the students are its widths divided by 2, 4 or 8.
         divisor = int(a.student[1:])
         c.model = ",".join(str(w if w == "M" else max(1, w // divisor)) for w in SMALL_TEACHER_WIDTHS)

@@ -112,7 +112,7 @@ def test_missing_teacher_and_wrong_architecture(teacher_dir, tmp_path):
 
 def test_bad_distill_values(teacher_dir):
     for field, value, message in [
-        ("method", "at", "unknown distillation method 'at'"),
+        ("method", "at", "unknown method 'at'; choose one of"),
         ("matching_form", "l1", "unknown matching_form 'l1'"),
         ("sswa_drop", 1.0, "sswa_drop must be in [0, 1)"),
         ("taps", ("conv9_9",), "taps must be a non-empty subset of"),

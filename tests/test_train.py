@@ -79,7 +79,7 @@ def test_bce_loss_is_the_mean_binary_cross_entropy():
     "field, value, message",
     [
         ("task", "distil", "unknown task 'distil'; choose one of"),
-        ("task", "prune_structured", "task 'prune_structured' is not available yet"),
+        ("task", "prune_structured", "task 'prune_structured' needs a config.distill block; start from"),
         ("model", "vgg19", "unknown model 'vgg19'; choose one of"),
         ("precision", "float16", "unknown precision 'float16'"),
         ("batch_size", 0, "config.batch_size must be a positive integer, got 0"),

@@ -42,6 +42,8 @@ from apjax.data.pipeline import batch_sharding, eval_batches
 from apjax.models import tap_gradients, tap_names, top1_seed
 
 METHODS = ("kd", "ewa", "swa", "sswa")
+# The methods with an attribution-matching term (``kd`` for distillation and ``naive`` for pruning have none).
+MATCHING_METHODS = ("ewa", "swa", "sswa")
 SSWA_MODES = ("fixed_count", "bernoulli")
 
 
@@ -50,11 +52,11 @@ SSWA_MODES = ("fixed_count", "bernoulli")
 # ------------------------------------------------------------------------------------------------
 
 
-def validate_distill_config(config: ml_collections.ConfigDict) -> None:
-    """Raises ``ValueError`` (one sentence) for a bad ``config.distill`` value."""
+def validate_distill_config(config: ml_collections.ConfigDict, methods: tuple[str, ...] = METHODS) -> None:
+    """Raises ``ValueError`` (one sentence) for a bad ``config.distill`` value (teacher and matching)."""
     d = config.distill
-    if d.method not in METHODS:
-        raise ValueError(f"unknown distillation method {d.method!r}; choose one of {list(METHODS)}.")
+    if d.method not in methods:
+        raise ValueError(f"unknown method {d.method!r}; choose one of {list(methods)}.")
     if d.matching_form not in MATCHING_FORMS:
         raise ValueError(f"unknown matching_form {d.matching_form!r}; choose one of {list(MATCHING_FORMS)}.")
     if d.sswa_mode not in SSWA_MODES:
@@ -69,7 +71,7 @@ def validate_distill_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.distill.alpha must be in [0, 1], got {d.alpha!r}.")
     taps = list(d.taps)
     known = tap_names(train_lib.create_model(config.model).widths)
-    if d.method != "kd" and (not taps or any(t not in known for t in taps)):
+    if d.method in MATCHING_METHODS and (not taps or any(t not in known for t in taps)):
         raise ValueError(f"config.distill.taps must be a non-empty subset of {list(known)}, got {taps}.")
     if not d.teacher_workdir:
         raise ValueError(
@@ -138,7 +140,7 @@ def teacher_maps(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Teacher logits and its maps at ``d.taps`` (eval mode, no parameter gradient)."""
     taps = tuple(d.taps)
-    if d.method == "kd":
+    if d.method not in MATCHING_METHODS:
         logits, _ = teacher.apply(variables, x)
         return jax.lax.stop_gradient(logits), {}
     if d.method == "ewa":
@@ -163,11 +165,19 @@ def make_distill_step(
     lr_fn: optax.Schedule,
     config: ml_collections.ConfigDict,
     mesh: Mesh,
+    base_loss: str = "kd",
 ):
     """The jitted ``(state, teacher_variables, batch) -> (state, metrics)``; state donated.
 
-    Metrics (on the device): ``loss``, ``kd``, ``bce``, ``match`` (0 for ``kd``), ``lr``.
+    ``base_loss`` is ``'kd'`` (distillation: alpha * KD + (1 - alpha) * BCE) or ``'bce'`` (pruning's
+    fine-tuning); the matching term ``beta * match`` is added for the matching methods. Pruning masks in
+    the state are honoured by :func:`apjax.train_lib.apply_gradients`.
+
+    Metrics (on the device): ``loss``, ``bce``, ``kd`` (with ``'kd'`` only), ``match`` (0 without
+    matching), ``lr``.
     """
+    if base_loss not in ("kd", "bce"):
+        raise ValueError(f"unknown base loss {base_loss!r}; choose 'kd' or 'bce'.")
     d = config.distill
     taps = tuple(d.taps)
     image_size, crop_scale = config.data.image_size, tuple(config.data.crop_scale)
@@ -199,9 +209,13 @@ def make_distill_step(
                     mutable=["batch_stats"],
                 )  # fmt: skip
                 s_grads = None
-            loss, parts = kd_loss(s_logits, t_logits, labels, temperature=d.temperature, alpha=d.alpha)
+            if base_loss == "kd":
+                loss, parts = kd_loss(s_logits, t_logits, labels, temperature=d.temperature, alpha=d.alpha)
+            else:
+                loss = train_lib.bce_loss(s_logits, labels)
+                parts = {"bce": loss}
             match = jnp.zeros((), jnp.float32)
-            if d.method != "kd":
+            if d.method in MATCHING_METHODS:
                 # The student's map is never channel-dropped: SSWA's masks are the teacher's alone.
                 s_maps = tap_maps("swa" if d.method == "sswa" else d.method, s_acts, s_grads)
                 match = multi_tap_matching_loss(s_maps, t_maps, d.matching_form)
