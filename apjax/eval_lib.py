@@ -18,9 +18,11 @@ from tqdm import tqdm
 
 from apjax import train_lib
 from apjax.attribution.maps import upsample_map
+from apjax.compress.unstructured import count_nonzero_params
 from apjax.data import class_names
 from apjax.data.augment import eval_preprocess, resize_masks_nearest
 from apjax.data.pipeline import data_mesh
+from apjax.models import count_params
 
 CHECKPOINTS = ("best", "latest")
 
@@ -214,7 +216,13 @@ def localization_report(
     )
     mesh = data_mesh()
     bs = max(batch_size, mesh.devices.size)
-    results: dict = {"runs": {}, "methods": list(methods), "tolerance": tolerance, "image_size": size}
+    results: dict = {
+        "runs": {},
+        "run_order": [r.name for r in runs],  # the teacher first (the JSON's keys are sorted)
+        "methods": list(methods),
+        "tolerance": tolerance,
+        "image_size": size,
+    }
     pairs, fns = {}, {}
     with jax.set_mesh(mesh):
         for r in runs:
@@ -227,6 +235,8 @@ def localization_report(
                 "workdir": str(r.workdir),
                 "step": r.step,
                 "model": r.config.model,
+                "params": count_params(params),
+                "params_nonzero": count_nonzero_params(params),
                 "val": val,
                 "pairs": len(pairs[r.name]),
                 "methods": {},
@@ -313,7 +323,8 @@ def localization_table(results: dict, labels: dict[str, str]) -> str:
     ]
     pct = lambda v: "-" if v is None or not np.isfinite(v) else f"{100 * v:.2f}"  # noqa: E731
     num = lambda v, f: "-" if v is None or not np.isfinite(v) else format(v, f)  # noqa: E731
-    for name, r in results["runs"].items():
+    for name in results.get("run_order", results["runs"]):
+        r = results["runs"][name]
         for method, m in r["methods"].items():
             cells = [
                 name,

@@ -429,11 +429,15 @@ class Checkpoints:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file renamed into place."""
+    """Writes ``text`` to ``path`` through a temporary file renamed into place (removed if that fails)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -581,8 +585,9 @@ def build_task(config: ml_collections.ConfigDict, num_classes: int, mesh: Mesh, 
     raise ValueError(f"task {config.task!r} has no single training run; use train_and_evaluate.")
 
 
-def prepare_workdir(workdir: Path, config: ml_collections.ConfigDict) -> None:
-    """Creates ``workdir`` (process 0), refuses a different run in it, and saves ``config.json``."""
+def prepare_workdir(workdir: Path, config: ml_collections.ConfigDict, check: bool = True) -> None:
+    """Creates ``workdir`` (process 0), refuses a different run in it (unless ``check`` is False), and
+    saves ``config.json``."""
     if jax.process_index() != 0:
         return
     try:
@@ -593,7 +598,8 @@ def prepare_workdir(workdir: Path, config: ml_collections.ConfigDict) -> None:
         ) from e
     if not os.access(workdir, os.W_OK):
         raise PermissionError(f"the workdir {workdir} is not writable; choose a writable --workdir.")
-    check_resume_config(workdir, config)
+    if check:
+        check_resume_config(workdir, config)
     write_json_atomic(workdir / "config.json", json.loads(config.to_json_best_effort()))
 
 

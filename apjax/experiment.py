@@ -1,0 +1,235 @@
+"""The paper's experiment as one sweep: teacher, compression runs, evaluation and a report.
+
+A sweep is a list of stages, each with its own workdir under one root:
+
+- ``teacher``;
+- ``kd_<student>_<method>``: distillation into each student size with ``kd``, ``ewa``, ``swa``, ``sswa``;
+- ``prune_u_<method>`` and ``prune_s_<method>``: unstructured and structured pruning with ``naive``,
+  ``ewa``, ``swa``, ``sswa``;
+- ``eval``: the localisation report (Grad-CAM) of the teacher and every finished run;
+- ``eval_methods``: the other attribution methods (the paper's Table 8) on the teacher and the smallest
+  student with and without SSWA;
+- ``report``: ``report.md`` with the paper's tables filled with this sweep's numbers (and the paper's
+  beside them on VOC), plots of AUC and similarity against parameter count, and the figures.
+
+A training stage whose ``final_metrics.json`` exists is skipped, an unfinished one resumes from its last
+checkpoint, so an interrupted sweep continues when the command is run again. An evaluation stage is
+skipped when its report already covers the same finished runs. ``config.only`` (comma-separated glob
+patterns over stage names, e.g. ``teacher,kd_x8_*``) runs a subset; ``eval`` and ``report`` then cover
+whatever runs are finished.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from apjax import train_lib
+from apjax.models import variant_widths, widths_string
+
+TRAIN_KINDS = ("teacher", "distill", "prune_unstructured", "prune_structured")
+PRUNE_PREFIX = {"prune_unstructured": "prune_u", "prune_structured": "prune_s"}
+
+
+@dataclasses.dataclass
+class Stage:
+    """One step of a sweep.
+
+    Attributes:
+      name: the stage's workdir name under the sweep's root (and its name in ``config.only``).
+      kind: a training task (``teacher``, ``distill``, ``prune_unstructured``, ``prune_structured``),
+        ``eval``, ``eval_methods`` or ``report``.
+      method: the compression method (``kd``/``naive``, ``ewa``, ``swa``, ``sswa``), or ''.
+      student: the student size (``x2``, ``x4``, ``x8``) of a distillation stage, or ''.
+      config: the training config of a training stage (None otherwise).
+    """
+
+    name: str
+    kind: str
+    method: str = ""
+    student: str = ""
+    config: ml_collections.ConfigDict | None = None
+
+
+def student_model(teacher_model: str, student: str) -> str:
+    """The widths of a student: the teacher's divided by the size factor (``x8`` -> every width // 8)."""
+    divisor = int(student.lstrip("x"))
+    return widths_string(w if w == "M" else max(1, int(w) // divisor) for w in variant_widths(teacher_model))
+
+
+def _stage_config(template: ml_collections.ConfigDict, sweep: ml_collections.ConfigDict) -> Any:
+    c = ml_collections.ConfigDict(copy.deepcopy(template.to_dict()))
+    c.data = ml_collections.ConfigDict(copy.deepcopy(sweep.data.to_dict()))
+    c.distributed = sweep.distributed
+    return c
+
+
+def plan(config: ml_collections.ConfigDict, root: Path) -> list[Stage]:
+    """Every stage of the sweep ``config`` in order (before ``config.only`` is applied)."""
+    teacher = _stage_config(config.teacher, config)
+    stages = [Stage("teacher", "teacher", config=teacher)]
+    teacher_dir = str(root / "teacher")
+    for student in config.students:
+        for method in config.kd_methods:
+            c = _stage_config(config.kd, config)
+            c.model = student_model(teacher.model, student)
+            c.distill.method, c.distill.teacher_workdir = method, teacher_dir
+            stages.append(Stage(f"kd_{student}_{method}", "distill", method, student, c))
+    for kind in config.prune_kinds:
+        task = f"prune_{kind}"
+        for method in config.prune_methods:
+            c = _stage_config(config[task], config)
+            c.model = teacher.model
+            c.distill.method, c.distill.teacher_workdir = method, teacher_dir
+            stages.append(Stage(f"{PRUNE_PREFIX[task]}_{method}", task, method, config=c))
+    stages.append(Stage("eval", "eval"))
+    if config.table8_methods and config.students:
+        stages.append(Stage("eval_methods", "eval_methods"))
+    stages.append(Stage("report", "report"))
+    return stages
+
+
+def validate_sweep(config: ml_collections.ConfigDict, stages: list[Stage]) -> None:
+    """Checks every stage's config and the ``only`` patterns before anything runs (one sentence)."""
+    for s in stages:
+        if s.config is not None:
+            try:
+                train_lib.validate_config(s.config)
+            except ValueError as e:
+                raise ValueError(f"stage {s.name}: {e}") from e
+    names = [s.name for s in stages]
+    for pattern in _patterns(config.only):
+        if not fnmatch.filter(names, pattern):
+            raise ValueError(
+                f"config.only pattern {pattern!r} matches no stage; the stages are {', '.join(names)}."
+            )
+
+
+def _patterns(only: str) -> list[str]:
+    return [p.strip() for p in (only or "").split(",") if p.strip()]
+
+
+def selected(stages: list[Stage], only: str) -> list[Stage]:
+    patterns = _patterns(only)
+    if not patterns:
+        return stages
+    return [s for s in stages if any(fnmatch.fnmatch(s.name, p) for p in patterns)]
+
+
+def is_finished(root: Path, stage: Stage) -> bool:
+    """A training stage is finished when its ``final_metrics.json`` exists."""
+    return (root / stage.name / "final_metrics.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Running.
+# ------------------------------------------------------------------------------------------------
+
+
+def _log_stage(root: Path, name: str, **entry: Any) -> None:
+    """Appends the stage's status and wall time to ``<root>/stages.json`` (process 0)."""
+    if jax.process_index() != 0:
+        return
+    path = root / "stages.json"
+    log = json.loads(path.read_text()) if path.exists() else {}
+    log[name] = {**log.get(name, {}), **entry}
+    train_lib.write_json_atomic(path, log)
+
+
+def _eval_runs(root: Path, stages: list[Stage], kind: str, config) -> list[Stage]:
+    trained = [s for s in stages if s.config is not None and is_finished(root, s)]
+    if kind == "eval":
+        return trained
+    smallest = sorted(config.students, key=lambda x: int(x.lstrip("x")))[-1]
+    wanted = ["teacher", f"kd_{smallest}_kd", f"kd_{smallest}_sswa"]
+    return [s for s in trained if s.name in wanted]
+
+
+def _run_eval(root: Path, stage: Stage, stages: list[Stage], config) -> str:
+    from apjax import eval_lib
+
+    runs = _eval_runs(root, stages, stage.kind, config)
+    if not runs or runs[0].name != "teacher":
+        return "skipped: the teacher is not trained yet"
+    methods = tuple(config.eval_methods if stage.kind == "eval" else config.table8_methods)
+    out = root / stage.name
+    done = out / "localization.json"
+    names = [r.name for r in runs]
+    if done.exists():
+        previous = json.loads(done.read_text())
+        if previous.get("run_order") == names and previous["methods"] == list(methods):
+            return "skipped: already covers these runs"
+    eval_lib.localization_report(
+        [root / n for n in names],
+        methods=methods,
+        out_dir=out,
+        batch_size=config.eval_batch_size,
+        figure_images=config.figure_images,
+    )
+    return f"evaluated {len(names)} runs"
+
+
+def run_sweep(config: ml_collections.ConfigDict, root: str | os.PathLike) -> Path:
+    """Runs the selected stages of the sweep under ``root``; returns the report's path."""
+    root = Path(root).expanduser().absolute()
+    stages = plan(config, root)
+    validate_sweep(config, stages)
+    # The sweep's config may grow (more stages) between invocations: each stage guards its own workdir.
+    train_lib.prepare_workdir(root, config, check=False)
+    chosen = selected(stages, config.only)
+    is_main = jax.process_index() == 0
+    report = root / "report.md"
+    for i, stage in enumerate(chosen, 1):
+        if is_main:
+            print(f"[{i}/{len(chosen)}] {stage.name}", flush=True)
+        t0 = time.perf_counter()
+        if stage.config is not None:
+            if is_finished(root, stage):
+                if is_main:
+                    print(f"  finished earlier ({root / stage.name}); skipping it.")
+                continue
+            train_lib.train_and_evaluate(stage.config, root / stage.name)
+            status = "trained"
+        elif stage.kind in ("eval", "eval_methods"):
+            status = _run_eval(root, stage, stages, config)
+            if is_main:
+                print(f"  {status}")
+            if status.startswith("skipped"):
+                continue  # the stage log keeps the run that did the work
+        else:
+            if is_main:
+                from apjax.report import write_report
+
+                write_report(config, root, stages)
+                print(f"  written to {report}")
+            status = "written"
+        _log_stage(root, stage.name, status=status, seconds=round(time.perf_counter() - t0, 1))
+        train_lib.sync_processes(f"apjax stage {stage.name}")
+    return report
+
+
+def stage_results(root: Path, stages: list[Stage]) -> dict[str, dict]:
+    """What the report reads: each finished training stage's final metrics and both eval reports."""
+    out: dict[str, Any] = {"final": {}, "eval": None, "eval_methods": None}
+    for s in stages:
+        if s.config is not None and is_finished(root, s):
+            out["final"][s.name] = json.loads((root / s.name / "final_metrics.json").read_text())
+    for name in ("eval", "eval_methods"):
+        path = root / name / "localization.json"
+        if path.exists():
+            out[name] = json.loads(path.read_text())
+    return out
+
+
+def nan_to_none(x: Any) -> Any:
+    return None if x is None or (isinstance(x, float) and not np.isfinite(x)) else x

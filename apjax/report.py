@@ -1,0 +1,310 @@
+"""The sweep's report: the paper's tables filled with a sweep's numbers, plots and figures (Markdown).
+
+Every number comes from the stages' JSON files: classification (mAP, F1 of the best checkpoint), AUC,
+pointing accuracy, teacher-student Cos and l2 and parameter counts from ``eval/localization.json`` (and
+``eval_methods/localization.json`` for Table 8). On VOC the paper's value follows each of ours in
+parentheses (SPEC section 8).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from apjax import train_lib
+
+# The paper's numbers on VOC 2012 (SPEC section 8). Rows: mAP, F1, AUC, Point, Cos, l2 (percent except
+# Cos and l2).
+PAPER_TEACHER = {"params": 15.22e6, "mAP": 91.83, "F1": 78.44, "AUC": 88.79, "Point": 80.21}
+PAPER_KD = {
+    ("x2", "kd"): (83.75, 65.92, 82.53, 72.01, 0.705, 29.84),
+    ("x2", "ewa"): (86.48, 68.19, 85.05, 80.42, 0.788, 21.21),
+    ("x2", "swa"): (86.56, 67.78, 88.12, 80.66, 0.873, 12.98),
+    ("x2", "sswa"): (86.42, 67.94, 88.89, 81.13, 0.859, 14.36),
+    ("x4", "kd"): (81.31, 62.50, 80.61, 68.86, 0.650, 35.52),
+    ("x4", "ewa"): (82.46, 63.57, 84.18, 79.34, 0.750, 25.24),
+    ("x4", "swa"): (83.67, 65.14, 87.90, 80.05, 0.841, 16.23),
+    ("x4", "sswa"): (84.47, 66.13, 88.10, 80.26, 0.837, 16.63),
+    ("x8", "kd"): (76.91, 52.51, 78.74, 67.26, 0.563, 44.10),
+    ("x8", "ewa"): (79.56, 58.91, 81.99, 78.49, 0.652, 34.90),
+    ("x8", "swa"): (80.14, 60.70, 87.88, 79.59, 0.813, 19.04),
+    ("x8", "sswa"): (80.86, 61.43, 88.06, 79.12, 0.842, 19.49),
+}
+PAPER_PRUNE = {
+    "prune_u": {
+        "naive": (87.42, 70.24, 84.13, 75.43, 0.790, 21.21),
+        "ewa": (89.75, 74.83, 86.67, 79.37, 0.895, 10.71),
+        "swa": (89.79, 75.11, 88.22, 79.86, 0.913, 8.407),
+        "sswa": (89.96, 75.51, 88.45, 79.25, 0.920, 7.826),
+    },
+    "prune_s": {
+        "naive": (83.76, 60.71, 79.98, 75.29, 0.764, 30.04),
+        "ewa": (87.62, 66.05, 83.96, 78.84, 0.855, 14.74),
+        "swa": (88.39, 67.70, 86.99, 81.65, 0.911, 9.102),
+        "sswa": (89.07, 68.28, 88.34, 81.08, 0.910, 9.232),
+    },
+}
+PAPER_PARAMS = {"teacher": 15.22e6, "kd_x8": 0.29e6, "prune_s": 3.27e6, "prune_u": 0.53e6}
+# Table 8: AUC / Point of other methods for the teacher, KD VGG16/8 without matching and with SSWA.
+PAPER_TABLE8 = {
+    "gradcam": ((88.79, 80.21), (78.74, 67.26), (88.06, 79.12)),
+    "excitation_bp": ((84.14, 74.80), (76.31, 66.31), (82.31, 71.24)),
+    "lrp": ((85.29, 65.48), (79.60, 53.43), (82.46, 64.08)),
+    "rap": ((84.54, 69.49), (80.85, 56.87), (83.53, 65.66)),
+}
+METRICS = ("mAP", "F1", "AUC", "Point", "Cos", "l2")
+METHOD_NAMES = {"kd": "KD", "naive": "Naive", "ewa": "EWA", "swa": "SWA", "sswa": "SSWA"}
+
+
+def _finite(v: Any) -> bool:
+    return v is not None and isinstance(v, int | float) and np.isfinite(v)
+
+
+def fmt(metric: str, v: Any) -> str:
+    """A table cell: percentages for mAP/F1/AUC/Point, 3 decimals for Cos, 2 for l2, '-' if missing."""
+    if not _finite(v):
+        return "-"
+    if metric in ("mAP", "F1", "AUC", "Point"):
+        return f"{100 * v:.2f}"
+    return f"{v:.3f}" if metric == "Cos" else f"{v:.2f}"
+
+
+def fmt_params(n: Any) -> str:
+    if not _finite(n):
+        return "-"
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
+
+
+def _paper(metric: str, v: Any) -> str:
+    if v is None:
+        return ""
+    return f" ({v:.3f})" if metric == "Cos" else f" ({v:.2f})"
+
+
+def run_metrics(evaluation: dict | None, name: str, method: str = "gradcam") -> dict[str, Any]:
+    """mAP, F1, AUC, Point, Cos, l2 and parameter counts of one run from a localisation report."""
+    if not evaluation or name not in evaluation["runs"]:
+        return {}
+    r = evaluation["runs"][name]
+    m = r["methods"].get(method, {})
+    return {
+        "mAP": r["val"]["mAP"],
+        "F1": r["val"]["F1"],
+        "AUC": m.get("AUC"),
+        "Point": m.get("Point"),
+        "Cos": m.get("Cos"),
+        "l2": m.get("l2"),
+        "params": r.get("params_nonzero", r.get("params")),
+    }
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _metric_cells(m: dict, paper: tuple | None, metrics=METRICS) -> list[str]:
+    cells = []
+    for k in metrics:
+        p = paper[METRICS.index(k)] if paper else None
+        cells.append(fmt(k, m.get(k)) + _paper(k, p))
+    return cells
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [_row(header), "|" + "---|" * len(header), *[_row(r) for r in rows]]
+
+
+def tables(config, stages, results: dict, voc: bool) -> list[str]:
+    """The Markdown of Tables 1, 2, 4-7 and 8 for the finished stages."""
+    ev, ev8 = results["eval"], results["eval_methods"]
+    lines: list[str] = []
+    teacher = run_metrics(ev, "teacher")
+    tp = PAPER_TEACHER if voc else None
+
+    def teacher_cells(metrics):
+        paper = (tp["mAP"], tp["F1"], tp["AUC"], tp["Point"], None, None) if tp else None
+        return [fmt(k, teacher.get(k)) + (_paper(k, paper[METRICS.index(k)]) if tp else "") for k in metrics]
+
+
+    # Table 1.
+    smallest = sorted(config.students, key=lambda x: int(x.lstrip("x")))[-1] if config.students else None
+    t1 = [("teacher", "Full (teacher)", "teacher")]
+    if smallest:
+        t1.append((f"kd_{smallest}_kd", f"KD {smallest}", "kd_x8"))
+    t1.append(("prune_s_naive", "Structured pruning", "prune_s"))
+    t1.append(("prune_u_naive", "Unstructured pruning", "prune_u"))
+    if smallest:
+        t1.append((f"kd_{smallest}_sswa", f"KD {smallest} + SSWA", "kd_x8"))
+    paper1 = {
+        "teacher": (88.79, 80.21),
+        "kd_x8_kd": (78.74, 67.26),
+        "prune_s_naive": (79.98, 75.29),
+        "prune_u_naive": (84.13, 75.43),
+        "kd_x8_sswa": (88.06, 79.12),
+    }
+    rows = []
+    for name, label, pkey in t1:
+        m = run_metrics(ev, name)
+        if not m:
+            continue
+        p = paper1.get(name) if voc else None  # the paper's rows are the x8 student's
+        cells = [label, fmt_params(m["params"]) + (f" ({PAPER_PARAMS[pkey] / 1e6:.2f}M)" if p else "")]
+        for k, i in (("AUC", 0), ("Point", 1)):
+            cells.append(fmt(k, m.get(k)) + (f" ({p[i]:.2f})" if p else ""))
+        rows.append(cells)
+    lines += ["## Table 1: compression deforms attribution (Grad-CAM, pairs with correct predictions)", ""]
+    lines += _table(["model", "#Param", "AUC", "Point"], rows) if rows else ["(no finished runs yet)"]
+    lines.append("")
+
+    # Table 2.
+    rows = []
+    if teacher:
+        rows.append(["teacher", "-", fmt_params(teacher["params"]), *teacher_cells(METRICS[:4]), "-", "-"])
+    for s in stages:
+        if s.kind != "distill":
+            continue
+        m = run_metrics(ev, s.name)
+        if not m:
+            continue
+        p = PAPER_KD.get((s.student, s.method)) if voc else None
+        rows.append([s.student, METHOD_NAMES[s.method], fmt_params(m["params"]), *_metric_cells(m, p)])
+    lines += ["## Table 2: knowledge distillation (Grad-CAM at the last conv; Cos and l2 to the teacher)", ""]
+    lines += _table(["student", "method", "#Param", *METRICS], rows)
+    lines.append("")
+
+    # Tables 4-7.
+    pruning = (("prune_u", "Tables 4-5: unstructured pruning"), ("prune_s", "Tables 6-7: structured pruning"))
+    for prefix, title in pruning:
+        rows = []
+        for s in stages:
+            if not s.name.startswith(prefix + "_"):
+                continue
+            m = run_metrics(ev, s.name)
+            if not m:
+                continue
+            p = PAPER_PRUNE[prefix][s.method] if voc else None
+            rows.append([METHOD_NAMES[s.method], fmt_params(m["params"]), *_metric_cells(m, p)])
+        if rows:
+            lines += [f"## {title}", ""]
+            lines += _table(["method", "#Param (non-zero)", *METRICS], rows)
+            lines.append("")
+
+    # Table 8.
+    if ev8:
+        from apjax.attribution.methods import LABELS
+
+        names = ev8["run_order"]
+        rows = []
+        for method in ev8["methods"]:
+            cells = [LABELS[method]]
+            for j, n in enumerate(names):
+                m = run_metrics(ev8, n, method)
+                p = PAPER_TABLE8.get(method, (None,) * 3)[min(j, 2)] if voc and smallest == "x8" else None
+                for k, i in (("AUC", 0), ("Point", 1)):
+                    cells.append(fmt(k, m.get(k)) + (f" ({p[i]:.2f})" if p else ""))
+            rows.append(cells)
+        header = ["method"] + [f"{n} {k}" for n in names for k in ("AUC", "Point")]
+        lines += [f"## Table 8: other attribution methods (teacher, KD {smallest}, KD {smallest} + SSWA)", ""]
+        lines += _table(header, rows)
+        lines.append("")
+    return lines
+
+
+def plot_against_params(root: Path, stages, results: dict) -> list[str]:
+    """``figures/auc_vs_params.png`` and ``figures/cos_vs_params.png``: one line per method; returns the
+    written paths relative to ``root``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ev = results["eval"]
+    if not ev:
+        return []
+    points: dict[str, list] = {}
+    kinds = {"distill": "KD", "prune_unstructured": "unstructured", "prune_structured": "structured"}
+    for s in stages:
+        m = run_metrics(ev, s.name)
+        if s.kind in kinds and m:
+            label = f"{kinds[s.kind]}: {METHOD_NAMES[s.method]}"
+            points.setdefault(label, []).append((m["params"], m["AUC"], m["Cos"]))
+    teacher = run_metrics(ev, "teacher")
+    written = []
+    out = root / "figures"
+    out.mkdir(exist_ok=True)
+    for metric, col, ylabel in (("auc", 1, "Grad-CAM AUC (%)"), ("cos", 2, "Cos to the teacher's map")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, pts in sorted(points.items()):
+            pts = sorted(p for p in pts if _finite(p[col]))
+            if pts:
+                x = [p[0] for p in pts]
+                y = [p[col] * (100 if col == 1 else 1) for p in pts]
+                ax.plot(x, y, marker="o", label=label)
+        if teacher and col == 1 and _finite(teacher.get("AUC")):
+            ax.scatter([teacher["params"]], [100 * teacher["AUC"]], marker="*", s=150, c="k", label="teacher")
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters (non-zero)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"{metric}_vs_params.png"
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp, dpi=90)
+        os.replace(tmp, path)
+        plt.close(fig)
+        written.append(str(path.relative_to(root)))
+    return written
+
+
+def write_report(config, root: Path, stages) -> Path:
+    """Writes ``<root>/report.md`` (and its plots) from the stages' JSON files; returns its path."""
+    from apjax.experiment import stage_results
+
+    results = stage_results(root, stages)
+    voc = config.data.dataset == "voc"
+    lines = [
+        f"# apjax sweep report: {config.variant}",
+        "",
+        f"Data: {config.data.dataset} ({config.data.image_size}x{config.data.image_size}); root: `{root}`; "
+        f"written {time.strftime('%Y-%m-%d %H:%M')}.",
+        "Numbers: mAP and F1 on val (best checkpoint, percent); AUC and Point (pointing accuracy) of "
+        "Grad-CAM on segmentation_val over the pairs (image, class) with the class present and predicted; "
+        "Cos and l2 compare a run's map with the teacher's (min-max normalised) on the pairs both predict.",
+    ]
+    if voc:
+        lines.append("The paper's value follows ours in parentheses.")
+    lines.append("")
+    stage_log = root / "stages.json"
+    if stage_log.exists():
+        import json
+
+        log = json.loads(stage_log.read_text())
+        lines += _table(
+            ["stage", "status", "wall time (s)"],
+            [[n, e.get("status", ""), str(e.get("seconds", ""))] for n, e in log.items()],
+        )
+        lines.append("")
+    lines += tables(config, stages, results, voc)
+    plots = plot_against_params(root, stages, results)
+    if plots:
+        lines += ["## Attribution against parameter count", ""]
+        lines += [f"![{p}]({p})" for p in plots]
+        lines.append("")
+    figures = []
+    for name in ("eval", "eval_methods"):
+        ev = results[name]
+        for method, path in ((ev or {}).get("figures") or {}).items():
+            if path:
+                figures.append(f"![{method}]({Path(path).relative_to(root)})")
+    if figures:
+        lines += ["## Attribution maps (image, mask, then each run's map for the teacher's class)", ""]
+        lines += figures
+        lines.append("")
+    path = root / "report.md"
+    train_lib.write_text_atomic(path, "\n".join(lines))
+    return path

@@ -1,0 +1,64 @@
+r"""The paper's whole experiment as one sweep (apjax.experiment): teacher, distillation and pruning runs,
+evaluation and a report with the paper's tables.
+
+  python train.py --config configs/paper.py:demo --workdir workdirs/demo     # about 8 minutes on 2 CPU cores
+  python train.py --config configs/paper.py:small --workdir workdirs/sweep_small   # hours on a CPU
+  python train.py --config configs/paper.py --workdir workdirs/paper \
+      --config.teacher.init_from=/path/to/vgg16_bn.pth                      # VOC, SPEC's full recipes
+
+Variants (after the colon): ``demo`` (synthetic benchmark, a VGG16/8 teacher and its x4 student with and
+without SSWA: the story in minutes), ``small`` (the CPU-sized variant of every config: all students and
+methods, both prunings), and the default ``paper`` (PASCAL VOC 2012 at 227x227, VGG16, every recipe as in
+SPEC section 6; needs a GPU or TPU). Each stage runs in ``<workdir>/<stage>``; rerunning the command skips
+finished stages. Choose stages with ``--config.only=teacher,kd_x8_*`` (glob patterns); the stage
+configs are ``config.teacher``, ``config.kd``, ``config.prune_unstructured`` and ``config.prune_structured``
+(override any field, e.g. ``--config.kd.num_epochs=100``); ``config.data`` is shared by all stages.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import prune_structured, prune_unstructured, teacher_vgg16, vgg16_kd
+from configs.common import data_config, parse_arg
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    a = parse_arg(arg, demo=False, small=False)
+    variant = "demo" if a.demo else "small" if a.small else "paper"
+    stage_arg = "data=synthetic,small" if variant != "paper" else ""
+    c = ml_collections.ConfigDict()
+    c.task = "experiment"
+    c.variant = variant
+    c.only = ""  # comma-separated glob patterns over stage names; '' = every stage
+    c.distributed = False
+    c.data = data_config("voc" if variant == "paper" else "synthetic", variant != "paper", None)
+
+    c.students = ("x2", "x4", "x8")
+    c.kd_methods = ("kd", "ewa", "swa", "sswa")
+    c.prune_kinds = ("unstructured", "structured")
+    c.prune_methods = ("naive", "ewa", "swa", "sswa")
+    c.eval_methods = ("gradcam",)  # Tables 1, 2, 4-7
+    c.table8_methods = ("gradcam", "excitation_bp", "lrp", "rap")  # teacher and the smallest student
+    c.eval_batch_size = 32
+    c.figure_images = 6
+
+    c.teacher = teacher_vgg16.get_config(stage_arg)
+    c.kd = vgg16_kd.get_config(stage_arg)
+    c.prune_unstructured = prune_unstructured.get_config(stage_arg)
+    c.prune_structured = prune_structured.get_config(stage_arg)
+    for stage in (c.teacher, c.kd, c.prune_unstructured, c.prune_structured):
+        del stage["data"]  # the sweep's config.data is used by every stage
+
+    if variant == "demo":
+        # Fewer images and a VGG16/8 teacher: a teacher far above chance, and students with and without
+        # matching, within the 10 minutes of a 2-core CPU.
+        c.data.split_sizes.update(train=2000, val=400, segmentation_val=200)
+        c.teacher.model = "vgg16/8"
+        c.teacher.num_epochs, c.teacher.lr_decay_epochs = 8, (6,)
+        c.students = ("x4",)
+        c.kd_methods = ("kd", "sswa")
+        c.kd.num_epochs, c.kd.lr_decay_epochs = 8, (6,)
+        c.prune_kinds = ()
+        c.table8_methods = ()
+    return c
