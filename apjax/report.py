@@ -284,9 +284,10 @@ def write_report(config, root: Path, stages) -> Path:
         import json
 
         log = json.loads(stage_log.read_text())
+        order = [s.name for s in stages if s.name in log]  # the sweep's order (the JSON's keys are sorted)
         lines += _table(
             ["stage", "status", "wall time (s)"],
-            [[n, e.get("status", ""), str(e.get("seconds", ""))] for n, e in log.items()],
+            [[n, log[n].get("status", ""), str(log[n].get("seconds", ""))] for n in order],
         )
         lines.append("")
     lines += tables(config, stages, results, voc)
