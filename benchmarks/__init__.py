@@ -1,0 +1,1 @@
+"""Benchmarks of apjax's jitted steps (``python -m benchmarks.step_benchmark``)."""
