@@ -19,7 +19,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from apjax import eval_lib, train_lib
+from apjax import cli, eval_lib, train_lib
 
 config_flags.DEFINE_config_file("config", None, "Config file (default: the workdir's config.json).")
 flags.DEFINE_multi_string(
@@ -67,10 +67,11 @@ def main(argv: list[str]) -> None:
                 print(f"written to {out}/localization.json, localization.md and figures/")
             return
         result = eval_lib.evaluate_workdir(f.workdir[0], f.checkpoint, f.split, config=f.config)
-    except train_lib.USER_ERRORS as e:
-        if os.environ.get("APJAX_DEBUG"):
+    except Exception as e:  # a user's error (or a full disk) ends in one sentence
+        if os.environ.get("APJAX_DEBUG") or not cli.is_user_error(e):
             raise
-        sys.exit(f"error: {e}\n(set APJAX_DEBUG=1 to see the traceback)")
+        message = cli.error_message(e, f.out or f.workdir[0])
+        sys.exit(f"error: {message}\n(set APJAX_DEBUG=1 to see the traceback)")
     if jax.process_index() == 0:
         metrics = {k: result[k] for k in ("mAP", "per_image_AP", "F1", "bce")}
         name = f"{f.split} ({f.checkpoint}, step {result['step']})"
@@ -79,4 +80,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

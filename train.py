@@ -2,6 +2,7 @@ r"""Trains a model as its config says (``config.task``), resuming if the workdir
 
 python train.py --config configs/teacher_vgg16.py:data=synthetic,small --workdir workdirs/teacher_small
 python train.py --config configs/teacher_vgg16.py --workdir workdirs/teacher --config.batch_size=32
+python train.py --config configs/paper.py:demo --workdir workdirs/demo     # a whole sweep (apjax.experiment)
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from apjax import train_lib
+from apjax import cli, train_lib
 
 config_flags.DEFINE_config_file("config", None, "Config file, with optional :ARGS.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
@@ -28,12 +29,18 @@ def main(argv: list[str]) -> None:
     if flags.FLAGS.distributed or config.get("distributed", False):
         jax.distributed.initialize()
     try:
-        train_lib.train_and_evaluate(config, flags.FLAGS.workdir)
-    except train_lib.USER_ERRORS as e:
-        if os.environ.get("APJAX_DEBUG"):
+        if config.task == "experiment":
+            from apjax.experiment import run_sweep
+
+            run_sweep(config, flags.FLAGS.workdir)
+        else:
+            train_lib.train_and_evaluate(config, flags.FLAGS.workdir)
+    except Exception as e:  # a user's error (or a full disk) ends in one sentence
+        if os.environ.get("APJAX_DEBUG") or not cli.is_user_error(e):
             raise
-        sys.exit(f"error: {e}\n(set APJAX_DEBUG=1 to see the traceback)")
+        message = cli.error_message(e, flags.FLAGS.workdir)
+        sys.exit(f"error: {message}\n(set APJAX_DEBUG=1 to see the traceback)")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -129,7 +129,6 @@ def tables(config, stages, results: dict, voc: bool) -> list[str]:
         paper = (tp["mAP"], tp["F1"], tp["AUC"], tp["Point"], None, None) if tp else None
         return [fmt(k, teacher.get(k)) + (_paper(k, paper[METRICS.index(k)]) if tp else "") for k in metrics]
 
-
     # Table 1.
     smallest = sorted(config.students, key=lambda x: int(x.lstrip("x")))[-1] if config.students else None
     t1 = [("teacher", "Full (teacher)", "teacher")]

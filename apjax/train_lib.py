@@ -341,6 +341,12 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(x)
 
 
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every leaf of ``tree`` is finite: one boolean scalar."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def sync_processes(name: str) -> None:
     """A barrier across processes (a no-op in a single process): e.g. after process 0 wrote a file."""
     if jax.process_count() > 1:
@@ -386,9 +392,15 @@ class Checkpoints:
 
     def __init__(self, workdir: str | os.PathLike):
         root = Path(workdir).absolute() / "checkpoints"
-        options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
-        self.latest = ocp.CheckpointManager(root / "latest", options=options)
-        self.best = ocp.CheckpointManager(root / "best", options=options)
+
+        def options(name: str) -> ocp.CheckpointManagerOptions:
+            # Both managers may commit at once (in background threads); in a multi-process run each needs
+            # barrier names of its own, or Orbax fails with 'Barrier ... is already ongoing'.
+            sync = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=f"apjax_{name}")
+            return ocp.CheckpointManagerOptions(max_to_keep=1, create=True, multiprocessing_options=sync)
+
+        self.latest = ocp.CheckpointManager(root / "latest", options=options("latest"))
+        self.best = ocp.CheckpointManager(root / "best", options=options("best"))
 
     @staticmethod
     def _save(manager: ocp.CheckpointManager, state: TrainState, meta: dict) -> None:
@@ -484,6 +496,20 @@ class MetricsLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Keeps the rows up to ``step`` (and drops a line a crash cut short): called on resume."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("step", 0) <= step:
+                kept.append(line)
+        write_text_atomic(self.path, "".join(k + "\n" for k in kept))
 
 
 def format_table(rows: Mapping[str, Mapping[str, float]], percent: tuple[str, ...] = ()) -> str:
@@ -655,6 +681,7 @@ def run_training(
 
     log = MetricsLog(workdir)
     start = int(jax.device_get(state.step))
+    log.truncate_after(start)  # rows a killed run logged after its last checkpoint are logged again
     with jax.set_mesh(mesh):
         label = desc or config.task
         bar = tqdm(total=total_steps, initial=start, disable=not is_main, desc=label, unit="step")
@@ -680,13 +707,23 @@ def run_training(
                 acc, acc_n, t0, last = None, 0, time.perf_counter(), done
             if done % spe == 0:
                 epoch = done // spe
+                # The loss is computed before each update: check the weights themselves before they are
+                # evaluated or saved, so that no checkpoint ever holds non-finite parameters.
+                if not bool(all_finite(state.params)):
+                    raise FloatingPointError(
+                        f"the parameters became non-finite by step {done}; the last good checkpoint is "
+                        f"step {checkpoints.latest.latest_step()} in {workdir / 'checkpoints' / 'latest'} "
+                        "(lower the learning rate or check the data)."
+                    )
                 if epoch % config.eval_every_epochs == 0 or done == total_steps:
                     val = task.evaluate(state, data["val"])
                     log.write(step=done, epoch=epoch, **{f"val/{k}": v for k, v in val.items()})
                     if val["mAP"] > best_map:
                         best_map = val["mAP"]
                         checkpoints.save_best(state, {"step": done, "epoch": epoch, "mAP": best_map})
-                    bar.write(f"epoch {epoch}: val mAP {100 * val['mAP']:.2f} (best {100 * best_map:.2f})")
+                    if is_main:
+                        line = f"epoch {epoch}: val mAP {100 * val['mAP']:.2f} (best {100 * best_map:.2f})"
+                        bar.write(line)
                 if epoch % config.checkpoint_every_epochs == 0 or done == total_steps:
                     # The data position is the step: batches are addressed by step (TrainBatches).
                     meta = {"step": done, "epoch": epoch, "best_mAP": best_map, "data_position": done}

@@ -6,7 +6,7 @@ evaluation and a report with the paper's tables.
   python train.py --config configs/paper.py --workdir workdirs/paper \
       --config.teacher.init_from=/path/to/vgg16_bn.pth                      # VOC, SPEC's full recipes
 
-Variants (after the colon): ``demo`` (synthetic benchmark, a VGG16/8 teacher and its x4 student with and
+Variants (after the colon): ``demo`` (synthetic benchmark, a VGG16/8 teacher and its x2 student with and
 without SSWA: the story in minutes), ``small`` (the CPU-sized variant of every config: all students and
 methods, both prunings), and the default ``paper`` (PASCAL VOC 2012 at 227x227, VGG16, every recipe as in
 SPEC section 6; needs a GPU or TPU). Each stage runs in ``<workdir>/<stage>``; rerunning the command skips
@@ -55,8 +55,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # matching, within the 10 minutes of a 2-core CPU.
         c.data.split_sizes.update(train=2000, val=400, segmentation_val=200)
         c.teacher.model = "vgg16/8"
-        c.teacher.num_epochs, c.teacher.lr_decay_epochs = 8, (6,)
-        c.students = ("x4",)
+        c.teacher.num_epochs, c.teacher.lr_decay_epochs = 10, (8,)
+        c.students = ("x2",)
         c.kd_methods = ("kd", "sswa")
         c.kd.num_epochs, c.kd.lr_decay_epochs = 8, (6,)
         c.prune_kinds = ()

@@ -240,48 +240,63 @@ def make_distill_step(
 # ------------------------------------------------------------------------------------------------
 
 
-def make_similarity_eval_step(student, teacher, config: ml_collections.ConfigDict, mesh: Mesh):
-    """Jitted ``(student_vars, teacher_vars, images) -> (student logits (B, K), cos (B,))``.
+class SimilarityEval:
+    """Evaluation of a student against its frozen teacher: classification and map similarity on a split.
 
-    Both nets in eval mode; the maps are unmasked SWA maps at ``distill.taps`` for the teacher's top-1
-    class (for every method, so that runs compare on one scale), cosine averaged over the taps.
+    ``evaluate(state, cache)`` returns mAP, per-image AP, F1, BCE and ``map_cos``: the mean cosine
+    similarity of the student's and the teacher's unmasked SWA maps at ``distill.taps`` (``pool5`` if
+    none) for the teacher's top-1 class, both nets in eval mode (for every method, so runs compare on one
+    scale). The teacher's classes and maps of a split are computed once and kept on the devices (about
+    one map per image); each evaluation then runs only the student.
     """
-    taps = tuple(config.distill.taps) or ("pool5",)
-    image_size = config.data.image_size
 
-    def step(student_vars, teacher_vars, images):
-        x = eval_preprocess(images, out_size=image_size, dtype=student.dtype)
-        t_logits, t_acts, t_grads, _ = tap_gradients(teacher, teacher_vars, x, top1_seed, taps)
-        seed = top1_seed(t_logits)
-        s_logits, s_acts, s_grads, _ = tap_gradients(student, student_vars, x, seed, taps)
-        cos = [
-            map_cosine_similarity(swa_map(s_acts[t], s_grads[t]), swa_map(t_acts[t], t_grads[t]))
-            for t in taps
+    def __init__(self, student, teacher, teacher_vars, config: ml_collections.ConfigDict, mesh: Mesh):
+        self.taps = tuple(config.distill.taps) or ("pool5",)
+        self.mesh, self.teacher_vars = mesh, teacher_vars
+        self.batch_size = max(config.batch_size, mesh.devices.size)
+        image_size, taps = config.data.image_size, self.taps
+
+        def teacher_step(teacher_vars, images):
+            x = eval_preprocess(images, out_size=image_size, dtype=teacher.dtype)
+            logits, acts, grads, _ = tap_gradients(teacher, teacher_vars, x, top1_seed, taps)
+            return top1_seed(logits), {t: swa_map(acts[t], grads[t]) for t in taps}
+
+        def student_step(student_vars, images, seed, teacher_maps):
+            x = eval_preprocess(images, out_size=image_size, dtype=student.dtype)
+            logits, acts, grads, _ = tap_gradients(student, student_vars, x, seed, taps)
+            cos = [map_cosine_similarity(swa_map(acts[t], grads[t]), teacher_maps[t]) for t in taps]
+            return logits, jnp.mean(jnp.stack(cos), axis=0)
+
+        replicated, split = NamedSharding(mesh, PartitionSpec()), batch_sharding(mesh)
+        self._teacher_step = jax.jit(teacher_step, in_shardings=(replicated, split), out_shardings=split)
+        self._student_step = jax.jit(
+            student_step, in_shardings=(replicated, split, split, split), out_shardings=(split, split)
+        )
+        self._targets: dict[int, list] = {}
+
+    def teacher_targets(self, cache: HostCache) -> list:
+        """Per eval batch of ``cache``: the teacher's top-1 one-hot (B, K) and its maps per tap (B, h, w)."""
+        key = id(cache)
+        if key not in self._targets:
+            self._targets[key] = [
+                self._teacher_step(self.teacher_vars, b["images"])
+                for b in eval_batches(cache, self.batch_size, self.mesh)
+            ]
+        return self._targets[key]
+
+    def __call__(self, state: train_lib.TrainState, cache: HostCache) -> dict[str, float]:
+        student_vars = {"params": state.params, "batch_stats": state.batch_stats}
+        outs = [
+            (*self._student_step(student_vars, b["images"], seed, maps), b["valid"])
+            for b, (seed, maps) in zip(
+                eval_batches(cache, self.batch_size, self.mesh), self.teacher_targets(cache), strict=True
+            )
         ]
-        return s_logits, jnp.mean(jnp.stack(cos), axis=0)
-
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(
-        step,
-        in_shardings=(replicated, replicated, batch_sharding(mesh)),
-        out_shardings=(batch_sharding(mesh), batch_sharding(mesh)),
-    )
-
-
-def evaluate_distillation(
-    eval_step, state: train_lib.TrainState, teacher_vars, cache: HostCache, batch_size: int, mesh: Mesh
-) -> dict[str, float]:
-    """mAP, per-image AP, F1, BCE and the mean teacher-student map cosine similarity (``map_cos``)."""
-    student_vars = {"params": state.params, "batch_stats": state.batch_stats}
-    outs = [
-        (*eval_step(student_vars, teacher_vars, b["images"]), b["valid"])
-        for b in eval_batches(cache, batch_size, mesh)
-    ]
-    logits = np.concatenate([train_lib.valid_rows(lg, v) for lg, _, v in outs])
-    cos = np.concatenate([train_lib.valid_rows(c, v) for _, c, v in outs])
-    m = train_lib.classification_summary(logits, cache.labels)
-    m["map_cos"] = float(np.mean(cos))
-    return m
+        logits = np.concatenate([train_lib.valid_rows(lg, v) for lg, _, v in outs])
+        cos = np.concatenate([train_lib.valid_rows(c, v) for _, c, v in outs])
+        m = train_lib.classification_summary(logits, cache.labels)
+        m["map_cos"] = float(np.mean(cos))
+        return m
 
 
 def distill_task(
@@ -292,12 +307,8 @@ def distill_task(
     student = train_lib.build_model(config, num_classes)
     tx = train_lib.create_optimizer(config, lr_fn)
     step = make_distill_step(student, teacher, tx, lr_fn, config, mesh)
-    eval_step = make_similarity_eval_step(student, teacher, config, mesh)
-    eval_bs = max(config.batch_size, mesh.devices.size)
     return train_lib.Task(
         init_state=lambda: train_lib.create_train_state(config, student, tx),
         train_step=lambda state, batch: step(state, teacher_vars, batch),
-        evaluate=lambda state, cache: evaluate_distillation(
-            eval_step, state, teacher_vars, cache, eval_bs, mesh
-        ),
+        evaluate=SimilarityEval(student, teacher, teacher_vars, config, mesh),
     )

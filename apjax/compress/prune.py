@@ -37,10 +37,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from apjax import train_lib
 from apjax.compress.distill import (
     MATCHING_METHODS,
-    evaluate_distillation,
+    SimilarityEval,
     load_teacher,
     make_distill_step,
-    make_similarity_eval_step,
     teacher_config,
     validate_distill_config,
 )
@@ -121,23 +120,20 @@ def parameter_counts(params: Any) -> dict[str, Any]:
 
 
 def _task(config, student, teacher, teacher_vars, tx, lr_fn, mesh, init_state, steps=None) -> train_lib.Task:
-    """A pruning run's Task; ``steps`` = (train step, eval step) to reuse compiled steps across rounds."""
-    step, eval_step = steps or _steps(config, student, teacher, tx, lr_fn, mesh)
-    eval_bs = max(config.batch_size, mesh.devices.size)
+    """A pruning run's Task; ``steps`` = (train step, evaluation) to reuse compiled steps across rounds."""
+    step, evaluate = steps or _steps(config, student, teacher, teacher_vars, tx, lr_fn, mesh)
     return train_lib.Task(
         init_state=init_state,
         train_step=lambda state, batch: step(state, teacher_vars, batch),
-        evaluate=lambda state, cache: evaluate_distillation(
-            eval_step, state, teacher_vars, cache, eval_bs, mesh
-        ),
+        evaluate=evaluate,
         describe=lambda state: parameter_counts(state.params),
     )
 
 
-def _steps(config, student, teacher, tx, lr_fn, mesh):
-    """The jitted fine-tuning step (BCE + beta * matching) and the similarity eval step."""
+def _steps(config, student, teacher, teacher_vars, tx, lr_fn, mesh):
+    """The jitted fine-tuning step (BCE + beta * matching) and the evaluation against the teacher."""
     step = make_distill_step(student, teacher, tx, lr_fn, config, mesh, base_loss="bce")
-    return step, make_similarity_eval_step(student, teacher, config, mesh)
+    return step, SimilarityEval(student, teacher, teacher_vars, config, mesh)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,7 +208,7 @@ def train_unstructured(
     spe = TrainBatches(data["train"], config.batch_size, seed=config.seed, mesh=mesh).steps_per_epoch
     lr_fn = train_lib.create_learning_rate_fn(config, spe)
     tx = train_lib.create_optimizer(config, lr_fn)
-    steps = _steps(config, student, teacher, tx, lr_fn, mesh)
+    steps = _steps(config, student, teacher, teacher_vars, tx, lr_fn, mesh)
     previous = None  # the last state of the previous round (round 1 starts from the teacher)
     summary_rows, per_round = {}, []
     for r in range(1, config.prune.rounds + 1):

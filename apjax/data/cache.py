@@ -63,8 +63,20 @@ def _resize(array: np.ndarray, size: int, resample: int) -> np.ndarray:
     return np.asarray(Image.fromarray(array).resize((size, size), resample=resample))
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
 def _decode(source, index: int, size: int, with_masks: bool) -> tuple:
-    ex = source[index]
+    try:
+        ex = source[index]
+    except Exception as e:  # e.g. a truncated array_record file: a RuntimeError from its reader
+        where = getattr(getattr(source, "dataset_info", None), "data_dir", None) or "of this split"
+        message = (
+            f"example {index} of the prepared dataset {where} cannot be read ({_one_line(e)}); delete that "
+            "folder and prepare the dataset again (the synthetic benchmark is regenerated on the next run)."
+        )
+        raise (OSError if isinstance(e, OSError) else ValueError)(message) from e
     image = np.asarray(ex["image"], np.uint8)
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image {index} has shape {image.shape}; expected (H, W, 3) uint8.")
@@ -164,15 +176,25 @@ def _chain_first(first, rest):
 def load_cache(directory: str | os.PathLike) -> HostCache:
     """Opens a complete cache folder (memory-mapped, read-only)."""
     directory = Path(directory)
-    meta = json.loads((directory / "meta.json").read_text())
-    with_masks = bool(meta["with_masks"])
-    return HostCache(
-        images=np.load(directory / "images.npy", mmap_mode="r"),
-        sizes=np.load(directory / "sizes.npy"),
-        labels=np.load(directory / "labels.npy"),
-        masks=np.load(directory / "masks.npy", mmap_mode="r") if with_masks else None,
-        image_ids=json.loads((directory / "ids.json").read_text()),
-    )
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+        with_masks = bool(meta["with_masks"])
+        cache = HostCache(
+            images=np.load(directory / "images.npy", mmap_mode="r"),
+            sizes=np.load(directory / "sizes.npy"),
+            labels=np.load(directory / "labels.npy"),
+            masks=np.load(directory / "masks.npy", mmap_mode="r") if with_masks else None,
+            image_ids=json.loads((directory / "ids.json").read_text()),
+        )
+        arrays = [cache.images, cache.sizes, cache.labels, cache.image_ids]
+        if any(len(a) != meta["count"] for a in arrays + ([cache.masks] if with_masks else [])):
+            raise ValueError(f"its arrays do not all hold the {meta['count']} images its meta.json counts")
+    except (OSError, ValueError, KeyError, EOFError) as e:  # truncated or damaged files
+        raise ValueError(
+            f"the host cache {directory} is damaged ({_one_line(e)}); delete that folder and the next run "
+            "rebuilds it."
+        ) from e
+    return cache
 
 
 def cache_is_complete(directory: str | os.PathLike, size: int, count: int, with_masks: bool) -> bool:

@@ -80,9 +80,11 @@ class TrainBatches:
 
     def host_batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's slice of the batch at ``step``, as numpy arrays."""
-        idx = self.indices(step)
+        # Sorted (kinder to a memory map) BEFORE the split: the global batch then has the same order, so
+        # each image meets the same augmentation draw, whatever the number of processes.
+        idx = np.sort(self.indices(step))
         p, n = jax.process_index(), self.local_batch_size
-        idx = np.sort(idx[p * n : (p + 1) * n])  # sorted reads are kinder to a memory map
+        idx = idx[p * n : (p + 1) * n]
         c = self.cache
         return {"images": c.images[idx], "sizes": c.sizes[idx], "labels": c.labels[idx]}
 
