@@ -89,3 +89,28 @@ def teacher_matching_config(method: str, small: bool) -> ml_collections.ConfigDi
     c.temperature = 4.0  # KD only
     c.alpha = 0.9  # KD only
     return c
+
+
+def set_recipe(
+    c: ml_collections.ConfigDict,
+    *,
+    num_epochs: int,
+    learning_rate: float,
+    momentum: float,
+    lr_decay_epochs: tuple[int, ...] = (),
+    batch_size: int = 64,
+) -> None:
+    """Sets a training recipe (SPEC section 6) on ``c``: SGD with weight decay 1e-4 (torch-style), a
+    piecewise-constant learning rate multiplied by ``lr_decay_factor`` at each of ``lr_decay_epochs``
+    (none: constant), a global ``batch_size`` over all devices, and the logging and checkpoint cadence."""
+    c.batch_size = batch_size
+    c.num_epochs = num_epochs
+    c.optimizer = ml_collections.ConfigDict(
+        dict(name="sgd", learning_rate=learning_rate, momentum=momentum, weight_decay=1e-4, nesterov=False)
+    )
+    c.lr_decay_epochs = tuple(lr_decay_epochs)
+    c.lr_decay_factor = 0.1
+    c.log_every_steps = 50
+    c.eval_every_epochs = 1
+    c.checkpoint_every_epochs = 1
+    c.distributed = False  # call jax.distributed.initialize() (multi-process runs)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import ml_collections
 
 from apjax.compress.structured import VGG16_PRUNED_LAYERS
-from configs.common import data_config, parse_arg, teacher_matching_config
+from configs.common import data_config, parse_arg, set_recipe, teacher_matching_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -43,18 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.prune.ratio = float(a.ratio)  # fraction of filters removed in each pruned conv
     c.prune.pattern = VGG16_PRUNED_LAYERS  # 1 = this conv is pruned (conv1_1 .. conv5_3)
 
-    c.batch_size = 64
-    c.num_epochs = 30
-    c.optimizer = ml_collections.ConfigDict(
-        dict(name="sgd", learning_rate=1e-3, momentum=0.9, weight_decay=1e-4, nesterov=False)
-    )
-    c.lr_decay_epochs = ()  # constant
-    c.lr_decay_factor = 0.1
-
-    c.log_every_steps = 50
-    c.eval_every_epochs = 1
-    c.checkpoint_every_epochs = 1
-    c.distributed = False
+    set_recipe(c, num_epochs=30, learning_rate=1e-3, momentum=0.9)  # constant learning rate
 
     if a.small:
         c.num_epochs = 3

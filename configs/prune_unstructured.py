@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import data_config, parse_arg, teacher_matching_config
+from configs.common import data_config, parse_arg, set_recipe, teacher_matching_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -44,19 +44,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.prune.rounds = 16
     c.prune.rate = 0.2  # round r keeps (1 - rate)^r of the conv weights
 
-    # One round's fine-tuning (a fresh optimizer every round).
-    c.batch_size = 64
-    c.num_epochs = 30
-    c.optimizer = ml_collections.ConfigDict(
-        dict(name="sgd", learning_rate=1e-3, momentum=0.9, weight_decay=1e-4, nesterov=False)
-    )
-    c.lr_decay_epochs = ()  # constant
-    c.lr_decay_factor = 0.1
-
-    c.log_every_steps = 50
-    c.eval_every_epochs = 1
-    c.checkpoint_every_epochs = 1
-    c.distributed = False
+    # One round's fine-tuning (a fresh optimizer every round), constant learning rate.
+    set_recipe(c, num_epochs=30, learning_rate=1e-3, momentum=0.9)
 
     if a.small:
         c.prune.rounds = 4

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import data_config, parse_arg
+from configs.common import data_config, parse_arg, set_recipe
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -35,19 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # A torchvision vgg16_bn state dict (.pth needs torch, or .npz of the same keys); '' = from scratch.
     c.init_from = ""
 
-    c.batch_size = 64  # global, over all devices
-    c.num_epochs = 60
-    c.optimizer = ml_collections.ConfigDict(
-        dict(name="sgd", learning_rate=0.1, momentum=0.9, weight_decay=1e-4, nesterov=False)
-    )
-    # Piecewise-constant learning rate: multiplied by lr_decay_factor at each of these epochs.
-    c.lr_decay_epochs = (10, 30, 40)
-    c.lr_decay_factor = 0.1
-
-    c.log_every_steps = 50
-    c.eval_every_epochs = 1
-    c.checkpoint_every_epochs = 1
-    c.distributed = False  # call jax.distributed.initialize() (multi-process runs)
+    set_recipe(c, num_epochs=60, learning_rate=0.1, momentum=0.9, lr_decay_epochs=(10, 30, 40))
 
     if a.small:
         c.batch_size = 32

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import data_config, parse_arg, teacher_matching_config
+from configs.common import data_config, parse_arg, set_recipe, teacher_matching_config
 
 STUDENTS = {"x2": "vgg16/2", "x4": "vgg16/4", "x8": "vgg16/8"}
 # configs/teacher_vgg16.py's small teacher, VGG16/4.
@@ -44,18 +44,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.distill = teacher_matching_config(a.method, small=a.small)
 
-    c.batch_size = 64
-    c.num_epochs = 350
-    c.optimizer = ml_collections.ConfigDict(
-        dict(name="sgd", learning_rate=0.1, momentum=0.0, weight_decay=1e-4, nesterov=False)
-    )
-    c.lr_decay_epochs = (150, 200, 250)
-    c.lr_decay_factor = 0.1
-
-    c.log_every_steps = 50
-    c.eval_every_epochs = 1
-    c.checkpoint_every_epochs = 1
-    c.distributed = False
+    # The reference's KD recipe: no momentum.
+    set_recipe(c, num_epochs=350, learning_rate=0.1, momentum=0.0, lr_decay_epochs=(150, 200, 250))
 
     if a.small:
         # The small teacher is VGG16/4: the students are its widths divided by 2, 4 or 8.
