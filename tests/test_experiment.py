@@ -18,7 +18,7 @@ def tiny_sweep(tmp_path):
     c.data.synthetic.num_classes = 2
     c.teacher.model, c.teacher.batch_size = t.model, t.batch_size
     c.teacher.num_epochs, c.teacher.lr_decay_epochs, c.teacher.log_every_steps = 1, (1,), 2
-    c.students, c.kd_methods = ("x2",), ("sswa",)
+    c.students, c.kd_methods = ("x2",), ("kd",)  # (matching steps are tested in test_distill.py)
     c.kd.batch_size, c.kd.num_epochs, c.kd.lr_decay_epochs, c.kd.log_every_steps = 16, 1, (1,), 2
     c.kd.distill.taps = ("conv4_3",)
     c.figure_images = 2
@@ -45,10 +45,10 @@ def test_tiny_sweep_reports_its_stages_numbers_and_skips_finished_stages(tmp_pat
     root = tmp_path / "sweep"
     path = experiment.run_sweep(c, root)
     names = [s.name for s in experiment.plan(c, root)]
-    assert names == ["teacher", "kd_x2_sswa", "eval", "report"]
+    assert names == ["teacher", "kd_x2_kd", "eval", "report"]
     md = path.read_text()
     ev = json.loads((root / "eval" / "localization.json").read_text())
-    for name, first in (("teacher", ["teacher", "-"]), ("kd_x2_sswa", ["x2", "SSWA"])):
+    for name, first in (("teacher", ["teacher", "-"]), ("kd_x2_kd", ["x2", "KD"])):
         run = ev["runs"][name]
         final = json.loads((root / name / "final_metrics.json").read_text())
         best = next(v for k, v in final["rows"].items() if k.startswith("val, best"))
@@ -59,21 +59,21 @@ def test_tiny_sweep_reports_its_stages_numbers_and_skips_finished_stages(tmp_pat
         assert cell(md, first, "AUC") == f"{100 * run['methods']['gradcam']['AUC']:.2f}"
         assert cell(md, first, "Point") == f"{100 * run['methods']['gradcam']['Point']:.2f}"
         assert cell(md, first, "#Param") == report.fmt_params(run["params_nonzero"])
-    student = ev["runs"]["kd_x2_sswa"]["methods"]["gradcam"]
-    assert cell(md, ["x2", "SSWA"], "Cos") == report.fmt("Cos", student["Cos"])
-    assert cell(md, ["x2", "SSWA"], "l2") == report.fmt("l2", student["l2"])
+    student = ev["runs"]["kd_x2_kd"]["methods"]["gradcam"]
+    assert cell(md, ["x2", "KD"], "Cos") == report.fmt("Cos", student["Cos"])
+    assert cell(md, ["x2", "KD"], "l2") == report.fmt("l2", student["l2"])
     assert (root / "figures" / "auc_vs_params.png").stat().st_size > 0
     assert re.search(r"!\[gradcam\]\(eval/figures/gradcam\.png\)", md)
-    assert "(" not in cell(md, ["x2", "SSWA"], "AUC")  # no paper numbers on synthetic data
+    assert "(" not in cell(md, ["x2", "KD"], "AUC")  # no paper numbers on synthetic data
 
     # Rerunning trains and evaluates nothing again; the report is rewritten from the same files.
-    metrics_before = (root / "kd_x2_sswa" / "metrics.jsonl").read_text()
+    metrics_before = (root / "kd_x2_kd" / "metrics.jsonl").read_text()
     eval_before = (root / "eval" / "localization.json").stat().st_mtime_ns
     capsys.readouterr()
     experiment.run_sweep(c, root)
     out = capsys.readouterr().out
     assert out.count("finished earlier") == 2 and "skipped: already covers these runs" in out
-    assert (root / "kd_x2_sswa" / "metrics.jsonl").read_text() == metrics_before
+    assert (root / "kd_x2_kd" / "metrics.jsonl").read_text() == metrics_before
     assert (root / "eval" / "localization.json").stat().st_mtime_ns == eval_before
     tables = lambda text: text[text.index("## Table 1") :]  # noqa: E731
     assert tables(path.read_text()) == tables(md)
@@ -82,7 +82,7 @@ def test_tiny_sweep_reports_its_stages_numbers_and_skips_finished_stages(tmp_pat
 def test_only_selects_stages_and_rejects_unknown_patterns(tmp_path):
     c = tiny_sweep(tmp_path)
     stages = experiment.plan(c, tmp_path)
-    assert [s.name for s in experiment.selected(stages, "teacher, kd_*")] == ["teacher", "kd_x2_sswa"]
+    assert [s.name for s in experiment.selected(stages, "teacher, kd_*")] == ["teacher", "kd_x2_kd"]
     c.only = "kd_x9_*"
     with pytest.raises(ValueError, match="config.only pattern 'kd_x9_\\*' matches no stage; the stages are"):
         experiment.validate_sweep(c, stages)

@@ -107,7 +107,7 @@ def small_prune_config(module, teacher_dir, method, **overrides):  # noqa: F811
 
 
 def test_unstructured_rounds_prune_exactly_keep_zeros_and_resume(teacher_dir, tmp_path, capsys):  # noqa: F811
-    c = small_prune_config(prune_unstructured, teacher_dir, "sswa")
+    c = small_prune_config(prune_unstructured, teacher_dir, "naive")  # matching: the structured test
     c.prune.rounds, c.prune.rate = 2, 0.2
     workdir = tmp_path / "prune_u"
     train_lib.train_and_evaluate(c, workdir)
@@ -207,7 +207,7 @@ def test_surgery_computes_the_original_with_pruned_channels_zeroed():
 
 
 def test_structured_task_trains_the_smaller_net_and_eval_loads_it(teacher_dir, tmp_path):  # noqa: F811
-    c = small_prune_config(prune_structured, teacher_dir, "naive")
+    c = small_prune_config(prune_structured, teacher_dir, "sswa")
     workdir = tmp_path / "prune_s"
     final = train_lib.train_and_evaluate(c, workdir)
     info = json.loads((workdir / "model.json").read_text())

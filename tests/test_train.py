@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -180,22 +179,13 @@ def _final_params(workdir):
     return jax.device_get(state), meta
 
 
-def test_killed_run_resumes_to_identical_parameters_and_eval_reproduces_map(tmp_path):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
+def test_eval_reproduces_the_logged_map(tmp_path):
+    # (Killing and resuming runs is tested at random points in tests/test_reliability.py.)
+    straight = tmp_path / "straight"
     r = _run(tmp_path, straight)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = _run(tmp_path, killed, kill=True)
-    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
-    assert sorted(p.name for p in (killed / "checkpoints" / "latest").iterdir() if p.name.isdigit()) == ["3"]
-    assert not (killed / "final_metrics.json").exists()
-    r = _run(tmp_path, killed)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "Resuming" in r.stdout
-    a, meta_a = _final_params(straight)
-    b, meta_b = _final_params(killed)
-    assert meta_a["step"] == meta_b["step"] == 9
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(x, y)
+    _, meta = _final_params(straight)
+    assert meta["step"] == 9
 
     # eval.py's library call on the best checkpoint reproduces the mAP logged for it in training.
     logged = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
