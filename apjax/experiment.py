@@ -32,7 +32,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 from apjax import train_lib
 from apjax.models import variant_widths, widths_string
@@ -59,6 +58,11 @@ class Stage:
     method: str = ""
     student: str = ""
     config: ml_collections.ConfigDict | None = None
+
+
+def smallest_student(students) -> str | None:
+    """The student with the largest width divisor (``x8`` of ``x2, x4, x8``), or None without students."""
+    return max(students, key=lambda x: int(x.lstrip("x")), default=None)
 
 
 def student_model(teacher_model: str, student: str) -> str:
@@ -150,7 +154,7 @@ def _eval_runs(root: Path, stages: list[Stage], kind: str, config) -> list[Stage
     trained = [s for s in stages if s.config is not None and is_finished(root, s)]
     if kind == "eval":
         return trained
-    smallest = sorted(config.students, key=lambda x: int(x.lstrip("x")))[-1]
+    smallest = smallest_student(config.students)
     wanted = ["teacher", f"kd_{smallest}_kd", f"kd_{smallest}_sswa"]
     return [s for s in trained if s.name in wanted]
 
@@ -229,7 +233,3 @@ def stage_results(root: Path, stages: list[Stage]) -> dict[str, dict]:
         if path.exists():
             out[name] = json.loads(path.read_text())
     return out
-
-
-def nan_to_none(x: Any) -> Any:
-    return None if x is None or (isinstance(x, float) and not np.isfinite(x)) else x

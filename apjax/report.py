@@ -130,7 +130,9 @@ def tables(config, stages, results: dict, voc: bool) -> list[str]:
         return [fmt(k, teacher.get(k)) + (_paper(k, paper[METRICS.index(k)]) if tp else "") for k in metrics]
 
     # Table 1.
-    smallest = sorted(config.students, key=lambda x: int(x.lstrip("x")))[-1] if config.students else None
+    from apjax.experiment import smallest_student
+
+    smallest = smallest_student(config.students)
     t1 = [("teacher", "Full (teacher)", "teacher")]
     if smallest:
         t1.append((f"kd_{smallest}_kd", f"KD {smallest}", "kd_x8"))

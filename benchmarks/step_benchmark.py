@@ -255,7 +255,7 @@ def build_prune_finetune(method: str) -> Callable[[Setting, Mesh, str | None], W
         masks = global_magnitude_masks(teacher_vars["params"], sparsity)
         params = train_lib.mask_params(teacher_vars["params"], masks)
         key = jax.random.key(c.seed)
-        state = prune._fresh_state(c, params, teacher_vars["batch_stats"], tx, key, masks)
+        state = prune.fresh_state(params, teacher_vars["batch_stats"], tx, key, masks)
         state = jax.device_put(state, _replicated(mesh))
         step = distill.make_distill_step(pruned, teacher, tx, lr_fn, c, mesh, base_loss="bce")
         config = {**_summary(c), "teacher": s.teacher, "sparsity": sparsity}

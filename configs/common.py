@@ -114,3 +114,22 @@ def set_recipe(
     c.eval_every_epochs = 1
     c.checkpoint_every_epochs = 1
     c.distributed = False  # call jax.distributed.initialize() (multi-process runs)
+
+
+def pruning_config(task: str, a: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The part both pruning configs share: the task, the teacher's model (pruning starts from its
+    weights), the data, the teacher and matching block, and an empty ``prune`` block.
+
+    ``a`` holds the parsed arguments ``data``, ``small``, ``size``, ``method`` and ``bf16``.
+    """
+    c = ml_collections.ConfigDict()
+    c.task = task
+    c.seed = 42
+    c.data = data_config(a.data, a.small, a.size or None)
+    c.model = "vgg16/4" if a.small else "vgg16"  # must be the teacher's model: pruning starts from it
+    c.dropout_rate = 0.5
+    c.precision = "bfloat16" if a.bf16 else "float32"
+    c.init_from = ""  # unused: the weights come from the teacher
+    c.distill = teacher_matching_config(a.method, small=a.small)
+    c.prune = ml_collections.ConfigDict()
+    return c

@@ -24,22 +24,12 @@ from __future__ import annotations
 import ml_collections
 
 from apjax.compress.structured import VGG16_PRUNED_LAYERS
-from configs.common import data_config, parse_arg, set_recipe, teacher_matching_config
+from configs.common import parse_arg, pruning_config, set_recipe
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     a = parse_arg(arg, data="voc", small=False, size=0, method="sswa", ratio=0.7, bf16=False)
-    c = ml_collections.ConfigDict()
-    c.task = "prune_structured"
-    c.seed = 42
-    c.data = data_config(a.data, a.small, a.size or None)
-    c.model = "vgg16/4" if a.small else "vgg16"  # must be the teacher's model: pruning starts from it
-    c.dropout_rate = 0.5
-    c.precision = "bfloat16" if a.bf16 else "float32"
-    c.init_from = ""  # unused: the weights come from the teacher
-
-    c.distill = teacher_matching_config(a.method, small=a.small)
-    c.prune = ml_collections.ConfigDict()
+    c = pruning_config("prune_structured", a)
     c.prune.ratio = float(a.ratio)  # fraction of filters removed in each pruned conv
     c.prune.pattern = VGG16_PRUNED_LAYERS  # 1 = this conv is pruned (conv1_1 .. conv5_3)
 

@@ -93,7 +93,7 @@ def _check_teacher_model(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def _fresh_state(config, params, batch_stats, tx, key: jax.Array, masks=None) -> train_lib.TrainState:
+def fresh_state(params, batch_stats, tx, key: jax.Array, masks=None) -> train_lib.TrainState:
     """Step 0 with a fresh optimizer. Copies the arrays: the train step donates its state, which must
     not share buffers with the teacher's variables (round 1 starts from them)."""
     params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
@@ -105,6 +105,9 @@ def _fresh_state(config, params, batch_stats, tx, key: jax.Array, masks=None) ->
         rng=jax.random.key_data(key),
         masks=masks or {},
     )
+
+
+PARAMETER_COUNTS = ("params_total", "params_nonzero", "conv_weights", "conv_weights_zero", "conv_sparsity")
 
 
 def parameter_counts(params: Any) -> dict[str, Any]:
@@ -172,7 +175,7 @@ def structured_task(
     key = jax.random.split(jax.random.key(config.seed))[1]
     return _task(
         config, student, teacher, teacher_vars, tx, lr_fn, mesh,
-        init_state=lambda: _fresh_state(config, pruned["params"], pruned["batch_stats"], tx, key),
+        init_state=lambda: fresh_state(pruned["params"], pruned["batch_stats"], tx, key),
     )  # fmt: skip
 
 
@@ -223,7 +226,7 @@ def train_unstructured(
         def init_state(params=params, stats=stats, old_masks=old_masks, sparsity=sparsity, r=r):
             masks = global_magnitude_masks(params, sparsity, old_masks)
             pruned = train_lib.mask_params(params, masks)
-            return _fresh_state(config, pruned, stats, tx, jax.random.fold_in(base_key, r), masks)
+            return fresh_state(pruned, stats, tx, jax.random.fold_in(base_key, r), masks)
 
         task = _task(config, student, teacher, teacher_vars, tx, lr_fn, mesh, init_state, steps)
         final_path = rdir / "final_metrics.json"
@@ -234,11 +237,11 @@ def train_unstructured(
         elif jax.process_index() == 0:
             print(f"Round {r} is finished ({final_path}); skipping it.")
         train_lib.sync_processes(f"apjax round {r}")  # process 0 wrote final_metrics.json
-        template = _fresh_state(config, params, stats, tx, base_key, all_kept_masks(params))
+        template = fresh_state(params, stats, tx, base_key, all_kept_masks(params))
         previous = _restore_last(rdir, mesh, template)
         done = json.loads(final_path.read_text())
-        row = {"round": r, "target_sparsity": sparsity, **parameter_counts(previous.params)}
-        row["val"] = done["val"]
+        counts = {k: done[k] for k in PARAMETER_COUNTS}
+        row = {"round": r, "target_sparsity": sparsity, **counts, "val": done["val"]}
         per_round.append(row)
         summary_rows[f"round {r} ({100 * row['conv_sparsity']:.1f}% conv zero)"] = done["val"]
     if jax.process_index() == 0:

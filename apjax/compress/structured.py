@@ -102,24 +102,3 @@ def surgery(
     rows = (np.arange(positions)[:, None] * last + kept_in[None, :]).ravel()  # (h, w) major, channel minor
     new_params["head"] = {"kernel": head[rows], "bias": np.asarray(params["head"]["bias"])}
     return pruned_widths(widths, keep), {"params": new_params, "batch_stats": new_stats}
-
-
-def zero_pruned_channels(
-    variables: Mapping[str, Any], widths: Sequence[int | str], keep: Mapping[str, np.ndarray]
-) -> dict:
-    """The original-size variables with every pruned channel's output forced to zero (eval mode).
-
-    A channel's conv kernel column and bias, its BN bias and its running mean are zeroed, so BN maps the
-    channel's all-zero conv output to zero and the ReLU keeps it zero: the same function as the
-    surgically pruned net. (An independent route to the pruned net's function, for checking surgery.)
-    """
-    params = jax.tree.map(np.array, jax.device_get(variables["params"]))
-    stats = jax.tree.map(np.array, jax.device_get(variables["batch_stats"]))
-    for name in conv_names(widths):
-        channels = params[name]["kernel"].shape[-1]
-        dropped = np.setdiff1d(np.arange(channels), keep[name])
-        params[name]["kernel"][..., dropped] = 0
-        params[name]["bias"][dropped] = 0
-        params[f"{name}_bn"]["bias"][dropped] = 0
-        stats[f"{name}_bn"]["mean"][dropped] = 0
-    return {"params": params, "batch_stats": stats}
