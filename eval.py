@@ -73,7 +73,7 @@ def main(argv: list[str]) -> None:
         message = cli.error_message(e, f.out or f.workdir[0])
         sys.exit(f"error: {message}\n(set APJAX_DEBUG=1 to see the traceback)")
     if jax.process_index() == 0:
-        metrics = {k: result[k] for k in ("mAP", "per_image_AP", "F1", "bce")}
+        metrics = {k: result[k] for k in (*train_lib.CLASSIFICATION_PERCENT, "bce")}
         name = f"{f.split} ({f.checkpoint}, step {result['step']})"
         print(train_lib.format_table({name: metrics}, percent=train_lib.CLASSIFICATION_PERCENT))
         print(f"written to {os.path.join(f.workdir[0], f'eval_{f.checkpoint}_{f.split}.json')}")

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,13 @@ from apjax import train_lib
 from apjax.attribution.maps import upsample_map
 from apjax.compress.unstructured import count_nonzero_params
 from apjax.data import class_names
-from apjax.data.augment import eval_preprocess, resize_masks_nearest
-from apjax.data.pipeline import data_mesh
+from apjax.data.augment import eval_preprocess
+from apjax.data.pipeline import data_mesh, eval_masks
 from apjax.models import count_params
 
 CHECKPOINTS = ("best", "latest")
+# The layout of localization.json; a sweep re-evaluates a report written in an older layout.
+REPORT_FORMAT = 2
 
 
 def load_workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -62,10 +65,8 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
         raise ValueError(f"unknown checkpoint {which!r}; choose one of {list(CHECKPOINTS)}.")
     model = train_lib.build_model(config, train_lib.num_classes_of(config))
     tx = train_lib.create_optimizer(config, train_lib.create_learning_rate_fn(config, 1))
-    abstract = jax.eval_shape(lambda: train_lib.create_train_state(config, model, tx))
-    mesh = data_mesh()
-    replicated = NamedSharding(mesh, PartitionSpec())
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
+    # Restoring never reads config.init_from: the checkpoint holds the weights.
+    abstract = train_lib.abstract_train_state(config, model, tx, NamedSharding(data_mesh(), PartitionSpec()))
     workdir = checkpoint_workdir(config, workdir)
     checkpoints = train_lib.Checkpoints(workdir)
     try:
@@ -132,6 +133,18 @@ class EvalRun:
     model: Any
     variables: dict
     step: int
+    selection: dict = dataclasses.field(default_factory=dict)  # see checkpoint_selection
+
+
+def checkpoint_selection(meta: dict, which: str) -> dict:
+    """What chose a restored checkpoint, from its meta: ``{'checkpoint': 'latest'}``, or for the best
+    checkpoint ``{'checkpoint': 'best', 'best_metric': the val metric that picked it, 'best_value': its
+    value}``. A best checkpoint saved before the criterion was recorded was picked by VOC mAP."""
+    if which != "best":
+        return {"checkpoint": which}
+    if "best_metric" in meta:
+        return {"checkpoint": "best", "best_metric": meta["best_metric"], "best_value": meta["best_value"]}
+    return {"checkpoint": "best", "best_metric": "mAP", "best_value": meta.get("mAP")}
 
 
 def load_run(workdir: str | os.PathLike, which: str = "best") -> EvalRun:
@@ -140,7 +153,27 @@ def load_run(workdir: str | os.PathLike, which: str = "best") -> EvalRun:
     config = load_workdir_config(workdir)
     model, state, meta = restore_state(config, workdir, which)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    return EvalRun(workdir.name, workdir, config, model, variables, int(meta["step"]))
+    selection = checkpoint_selection(dict(meta), which)
+    return EvalRun(workdir.name, workdir, config, model, variables, int(meta["step"]), selection)
+
+
+def conv_bn_param_count(params: Any) -> int:
+    """The paper's #Param for unstructured pruning (SPEC section 6): the NON-ZERO conv kernel weights, plus
+    every conv bias and every BatchNorm scale and bias (all counted, zero or not: they are never pruned; BN
+    running statistics are not parameters); the Dense head is excluded. VGG16 at conv sparsity 1 - 0.8^15:
+    517,578 + 12,672 = 530,250, the paper's 0.53M.
+
+    ``params``: a VGG's params (``conv*`` modules with ``kernel`` and ``bias``, ``conv*_bn`` with ``scale``
+    and ``bias``, ``head``).
+    """
+    total = 0
+    for name, module in params.items():
+        if not name.startswith("conv"):
+            continue  # the head
+        for leaf_name, leaf in module.items():
+            x = np.asarray(jax.device_get(leaf))
+            total += int(np.count_nonzero(x)) if leaf_name == "kernel" else int(x.size)
+    return total
 
 
 def _check_comparable(runs: list[EvalRun]) -> None:
@@ -164,16 +197,76 @@ def _pair_batches(pairs: np.ndarray, batch_size: int):
         yield start, pairs[start : start + batch_size]
 
 
-def _maps_for_pairs(
-    fn, images: np.ndarray, batch_pairs: np.ndarray, size: int, batch_size: int
-) -> np.ndarray:
-    """Maps (P, size, size) of ``fn`` for (image index, class) pairs, padded to a fixed batch shape."""
+def _maps_for_pairs(fn, cache, batch_pairs: np.ndarray, size: int, batch_size: int) -> np.ndarray:
+    """Maps (P, size, size) of ``fn`` for (image index, class) pairs of a HostCache, padded to a fixed
+    batch shape."""
     n = len(batch_pairs)
     idx = np.concatenate([batch_pairs[:, 0], np.repeat(batch_pairs[-1:, 0], batch_size - n)])
     cls = np.concatenate([batch_pairs[:, 1], np.repeat(batch_pairs[-1:, 1], batch_size - n)])
-    x = eval_preprocess(jnp.asarray(images[np.sort(idx)][np.argsort(np.argsort(idx))]), out_size=size)
+    images = jnp.asarray(cache.images[np.sort(idx)][np.argsort(np.argsort(idx))])
+    x = eval_preprocess(images, jnp.asarray(cache.extents[idx]), out_size=size)
     maps = upsample_map(fn(x, jnp.asarray(cls, jnp.int32)), size)
     return np.asarray(maps[:n], np.float32)
+
+
+def evaluate_localization(
+    maps_of: Callable[[np.ndarray], np.ndarray],
+    masks: np.ndarray,
+    pairs: np.ndarray,
+    batch_size: int = 32,
+    tolerance: float = 0.0,
+    teacher_maps_of: Callable[[np.ndarray], np.ndarray] | None = None,
+    teacher_pairs: np.ndarray | None = None,
+    progress: Callable[[int], Any] | None = None,
+) -> dict:
+    """One run's localisation numbers for one attribution method: one entry of ``localization.json``.
+
+    Args:
+      maps_of: (B, 2) int64 pairs (image index, class index), B <= ``batch_size`` -> float maps (B, H, W)
+        at the masks' resolution (the report: each pair's class map on its image, resized to the input
+        size).
+      masks: uint8 (N, H, W) class-index masks (0 background, 1..K classes, 255 void).
+      pairs: (P, 2) the run's pairs, :func:`apjax.localization.localization_pairs` of its logits.
+      batch_size: pairs per call of ``maps_of``.
+      tolerance: the pointing game's tolerance in pixels (0: the arg-max pixel itself).
+      teacher_maps_of, teacher_pairs: a teacher's maps and pairs; then Cos and l2 compare this run's maps
+        with the teacher's on the pairs both have (in ``teacher_pairs``' order).
+      progress: called with the number of pairs done after each batch (a progress bar's ``update``).
+
+    Returns:
+      :func:`apjax.localization.summarize_pair_scores`' keys (``AUC``: mean per-pixel ROC-AUC over the
+      ``auc_pairs`` pairs whose class covers some but not all pixels; ``Point``: the arg-max lies in the
+      pair's class mask, over all ``pairs``; ``Point_ref_cumulative``: the reference's variant;
+      ``constant_maps``), ``pairs_per_s`` (maps and scores of the pairs), and with a teacher ``Cos`` and
+      ``l2`` (means over the common pairs of :func:`apjax.localization.map_similarity`, both maps min-max
+      normalised at the masks' resolution; NaN without a common pair) and ``similarity_pairs`` (their count).
+    """
+    from apjax import localization as loc
+
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    chunks = []
+    t0 = time.perf_counter()
+    for _, chunk in _pair_batches(pairs, batch_size):
+        chunks.append(loc.pair_scores(maps_of(chunk), masks, chunk, tolerance))
+        if progress:
+            progress(len(chunk))
+    seconds = time.perf_counter() - t0
+    keys = ("auc", "hit", "hit_ref_cumulative", "constant")
+    scores = {k: np.concatenate([c[k] for c in chunks]) if chunks else np.zeros(0) for k in keys}
+    out: dict[str, Any] = loc.summarize_pair_scores(scores)
+    out["pairs_per_s"] = round(len(pairs) / seconds, 2) if len(pairs) and seconds > 0 else None
+    if teacher_maps_of is not None:
+        common = _common(np.asarray(teacher_pairs, np.int64).reshape(-1, 2), pairs)
+        cos, l2 = [], []
+        for _, chunk in _pair_batches(common, batch_size):
+            sim = loc.map_similarity(maps_of(chunk), teacher_maps_of(chunk))
+            cos.append(sim["cos"]), l2.append(sim["l2"])
+            if progress:
+                progress(len(chunk))
+        out["Cos"] = float(np.mean(np.concatenate(cos))) if cos else float("nan")
+        out["l2"] = float(np.mean(np.concatenate(l2))) if l2 else float("nan")
+        out["similarity_pairs"] = int(len(common))
+    return out
 
 
 def localization_report(
@@ -189,12 +282,15 @@ def localization_report(
 ) -> dict:
     """Classification and localisation of a teacher (first workdir) and its students, per method.
 
-    For each run: val mAP/F1; on ``segmentation_val``, for each method, the mean per-pixel ROC-AUC and the
-    pointing accuracy over the run's pairs (class in the mask AND predicted), the reference's pooled
-    pointing variant and the count of constant maps; for each student, the cosine similarity and l2
-    distance of its maps to the teacher's (min-max normalised at the input size) on the pairs both
-    predict. Writes ``localization.json``, ``localization.md`` and ``figures/<method>.png`` to ``out_dir``
-    (default: ``<first workdir>/localization``).
+    For each run: the val classification metrics (:func:`apjax.train_lib.classification_summary`), what
+    chose its checkpoint, its parameter counts (``params``: all; ``params_nonzero``: the non-zero ones,
+    head included; ``params_conv_bn``: :func:`conv_bn_param_count`, the paper's count for unstructured
+    pruning); on ``segmentation_val``, for each method, :func:`evaluate_localization` of its maps: mean
+    per-pixel ROC-AUC and pointing accuracy over the run's pairs (class in the mask AND predicted), the
+    reference's cumulative pointing variant, the count of constant maps and, for each student, the cosine
+    similarity and l2 distance of its maps to the teacher's (min-max normalised at the input size) on the
+    pairs both predict. Writes ``localization.json``, ``localization.md`` and ``figures/<method>.png`` to
+    ``out_dir`` (default: ``<first workdir>/localization``).
     """
     from apjax import localization as loc
     from apjax.attribution.methods import LABELS, METHODS, attribution_fn
@@ -208,16 +304,12 @@ def localization_report(
     size = first.data.image_size
     caches = train_lib.load_data(first, splits=("val", "segmentation_val"))
     seg = caches["segmentation_val"]
-    masks = np.concatenate(
-        [
-            np.asarray(resize_masks_nearest(jnp.asarray(seg.masks[i : i + 256]), size))
-            for i in range(0, len(seg), 256)
-        ]
-    )
+    masks = eval_masks(seg, size)  # each resized once (NEAREST) from its stored mask
     mesh = data_mesh()
     bs = max(batch_size, mesh.devices.size)
     results: dict = {
         "runs": {},
+        "format": REPORT_FORMAT,
         "run_order": [r.name for r in runs],  # the teacher first (the JSON's keys are sorted)
         "methods": list(methods),
         "tolerance": tolerance,
@@ -235,8 +327,10 @@ def localization_report(
                 "workdir": str(r.workdir),
                 "step": r.step,
                 "model": r.config.model,
+                "checkpoint": r.selection,
                 "params": count_params(params),
                 "params_nonzero": count_nonzero_params(params),
+                "params_conv_bn": conv_bn_param_count(params),
                 "val": val,
                 "pairs": len(pairs[r.name]),
                 "methods": {},
@@ -249,43 +343,22 @@ def localization_report(
             fns[r.name] = attribution_fn(
                 method, r.model, r.variables, ig_steps=ig_steps, smoothgrad_samples=smoothgrad_samples
             )
-        for r in runs:
-            p = pairs[r.name]
-            auc, hits, pooled, constant = [], [], [], []
-            t0 = time.perf_counter()
-            for _, chunk in _pair_batches(p, batch_size):
-                maps = _maps_for_pairs(fns[r.name], seg.images, chunk, size, batch_size)
-                targets = loc.class_targets(masks, chunk)
-                auc.append(loc.roc_auc(maps, targets))
-                h, c = loc.pointing_game(maps, targets, tolerance)
-                hp, _ = loc.pointing_game(maps, loc.pooled_targets(masks, chunk), tolerance)
-                hits.append(h), pooled.append(hp), constant.append(c)
-                bar.update(len(chunk))
-            seconds = time.perf_counter() - t0
-            cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)  # noqa: E731
-            a = cat(auc)
-            results["runs"][r.name]["methods"][method] = {
-                "AUC": float(np.nanmean(a)) if np.isfinite(a).any() else float("nan"),
-                "Point": float(np.mean(cat(hits))) if len(p) else float("nan"),
-                "Point_pooled": float(np.mean(cat(pooled))) if len(p) else float("nan"),
-                "constant_maps": int(cat(constant).sum()),
-                "pairs": int(len(p)),
-                "pairs_per_s": round(len(p) / seconds, 2) if seconds > 0 else None,
-            }
-        teacher = runs[0]
-        for r in runs[1:]:
-            common = _common(pairs[teacher.name], pairs[r.name])
-            cos, l2 = [], []
-            for _, chunk in _pair_batches(common, batch_size):
-                mt = _maps_for_pairs(fns[teacher.name], seg.images, chunk, size, batch_size)
-                ms = _maps_for_pairs(fns[r.name], seg.images, chunk, size, batch_size)
-                sim = loc.map_similarity(ms, mt)
-                cos.append(sim["cos"]), l2.append(sim["l2"])
-                bar.update(len(chunk))
-            m = results["runs"][r.name]["methods"][method]
-            m["Cos"] = float(np.mean(np.concatenate(cos))) if cos else float("nan")
-            m["l2"] = float(np.mean(np.concatenate(l2))) if l2 else float("nan")
-            m["similarity_pairs"] = int(len(common))
+
+        def maps_of(name: str) -> Callable[[np.ndarray], np.ndarray]:
+            return lambda chunk: _maps_for_pairs(fns[name], seg, chunk, size, batch_size)
+
+        teacher = runs[0].name
+        for i, r in enumerate(runs):
+            results["runs"][r.name]["methods"][method] = evaluate_localization(
+                maps_of(r.name),
+                masks,
+                pairs[r.name],
+                batch_size,
+                tolerance,
+                teacher_maps_of=maps_of(teacher) if i > 0 else None,
+                teacher_pairs=pairs[teacher] if i > 0 else None,
+                progress=bar.update,
+            )
         if figure_images > 0:
             results.setdefault("figures", {})[method] = _figure(
                 runs,
@@ -315,28 +388,80 @@ def _common(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.asarray(rows, np.int64).reshape(-1, 2)
 
 
+LOCALIZATION_COLUMNS = (
+    "model",
+    "method",
+    "checkpoint",
+    "VOC mAP",
+    "VOC mAP (devkit AP)",
+    "per-image AP (paper's mAP)",
+    "F1 (p > 0.5)",
+    "F1 (logit >= 0.5, paper's F1)",
+    "AUC",
+    "Point",
+    "Point (ref., classes <= k)",
+    "Cos",
+    "l2",
+    "pairs (AUC, Point)",
+    "pairs with the teacher (Cos, l2)",
+    "constant maps",
+)
+
+
+def _selected_by(selection: dict | None) -> str:
+    if not selection:
+        return "-"  # a report written before the selection was recorded
+    if selection.get("checkpoint") != "best":
+        return str(selection.get("checkpoint"))
+    return f"best {selection.get('best_metric', 'mAP')}"
+
+
 def localization_table(results: dict, labels: dict[str, str]) -> str:
-    """The paper's Tables 2 and 8 layout: a row per model and method; mAP, F1, AUC, Point, Cos, l2."""
+    """The paper's Tables 2 and 8 layout, a row per model and method, under a legend of its columns.
+
+    Columns (:data:`LOCALIZATION_COLUMNS`): the checkpoint and the val metric that chose it; val
+    classification (percent): VOC mAP with sklearn's AP and with the devkit's, the reference's per-image AP
+    (the paper's "mAP"), sample F1 at probability 0.5 and at logit >= 0.5 (the paper's F1); AUC, Point,
+    the reference's cumulative Point, Cos and l2; the pairs behind AUC and Point (the run's pairs: class
+    in the mask and predicted) and behind Cos and l2 (those the teacher predicts too); constant maps.
+    """
+    size = results.get("image_size", "?")
     lines = [
-        "| model | method | mAP | F1 | AUC | Point | Point (pooled) | Cos | l2 | pairs | constant maps |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "Classification on val, percent: VOC mAP = mean over classes of the non-interpolated AP (sklearn's); "
+        "devkit AP = the VOC devkit's (VOC2010+) area under the monotone precision envelope; per-image AP = "
+        "the reference's metric, the paper's mAP; F1 = sample F1 at probability 0.5 and at logit >= 0.5 "
+        "(the reference's threshold, the paper's F1). Localisation on segmentation_val over the run's pairs "
+        "(class in the mask and predicted): AUC = per-pixel ROC-AUC (pairs whose class covers some but not "
+        "all pixels); Point = the map's arg-max lies in the class's mask; Point (ref., classes <= k) = the "
+        "reference's variant, accepting the masks of the image's present classes with index <= k; Cos, l2 "
+        f"= to the teacher's map, both min-max normalised at {size}x{size}, over the pairs both predict; "
+        "constant maps have no arg-max and are misses. checkpoint: the val metric that chose it.",
+        "",
+        "| " + " | ".join(LOCALIZATION_COLUMNS) + " |",
+        "|" + "---|" * len(LOCALIZATION_COLUMNS),
     ]
     pct = lambda v: "-" if v is None or not np.isfinite(v) else f"{100 * v:.2f}"  # noqa: E731
     num = lambda v, f: "-" if v is None or not np.isfinite(v) else format(v, f)  # noqa: E731
     for name in results.get("run_order", results["runs"]):
         r = results["runs"][name]
+        val = r["val"]
         for method, m in r["methods"].items():
             cells = [
                 name,
                 labels[method],
-                pct(r["val"]["mAP"]),
-                pct(r["val"]["F1"]),
+                _selected_by(r.get("checkpoint")),
+                pct(val["mAP"]),
+                pct(val.get("mAP_devkit")),
+                pct(val.get("per_image_AP")),
+                pct(val["F1"]),
+                pct(val.get("F1_logit0.5")),
                 pct(m["AUC"]),
                 pct(m["Point"]),
-                pct(m["Point_pooled"]),
+                pct(m.get("Point_ref_cumulative")),
                 num(m.get("Cos"), ".3f"),
                 num(m.get("l2"), ".2f"),
                 str(m["pairs"]),
+                str(m.get("similarity_pairs", "-")),
                 str(m["constant_maps"]),
             ]
             lines.append("| " + " | ".join(cells) + " |")
@@ -364,11 +489,13 @@ def _figure(runs, fns, seg, masks, teacher_pairs, size, n, label, out_dir, metho
     c = runs[0].config
     synthetic = train_lib.synthetic_config(c) if c.data.dataset == "synthetic" else None
     names = class_names(c.data.dataset, synthetic)
-    maps = {r.name: _maps_for_pairs(fns[r.name], seg.images, chosen, size, len(chosen)) for r in runs}
+    maps = {r.name: _maps_for_pairs(fns[r.name], seg, chosen, size, len(chosen)) for r in runs}
     cols = 2 + len(runs)
     fig, axes = plt.subplots(len(chosen), cols, figsize=(2.2 * cols, 2.2 * len(chosen)), squeeze=False)
     for row, (i, k) in enumerate(chosen.tolist()):
-        image = np.asarray(Image.fromarray(np.asarray(seg.images[i])).resize((size, size), Image.BILINEAR))
+        h, w = seg.extents[i]  # the stored image, never its slot's padding
+        stored = Image.fromarray(np.ascontiguousarray(seg.images[i, :h, :w]))
+        image = np.asarray(stored.resize((size, size), Image.BILINEAR))
         panels = [
             (image, "image", None),
             ((masks[i] == k + 1).astype(np.float32), f"mask: {names[k]}", "gray"),

@@ -9,12 +9,15 @@ A sweep is a list of stages, each with its own workdir under one root:
 - ``eval``: the localisation report (Grad-CAM) of the teacher and every finished run;
 - ``eval_methods``: the other attribution methods (the paper's Table 8) on the teacher and the smallest
   student with and without SSWA;
-- ``report``: ``report.md`` with the paper's tables filled with this sweep's numbers (and the paper's
-  beside them on VOC), plots of AUC and similarity against parameter count, and the figures.
+- ``report``: ``report.md`` with the paper's tables filled with this sweep's numbers (and on VOC the
+  paper's beside the same quantities: its mAP beside the reference's per-image AP, its F1 beside F1 at
+  logit >= 0.5), the val metric that chose each run's checkpoint, plots of AUC and similarity against
+  parameter count, and the figures.
 
 A training stage whose ``final_metrics.json`` exists is skipped, an unfinished one resumes from its last
 checkpoint, so an interrupted sweep continues when the command is run again. An evaluation stage is
-skipped when its report already covers the same finished runs. ``config.only`` (comma-separated glob
+skipped when its report already covers the same finished runs (and was written in the current layout,
+``eval_lib.REPORT_FORMAT``). ``config.only`` (comma-separated glob
 patterns over stage names, e.g. ``teacher,kd_x8_*``) runs a subset; ``eval`` and ``report`` then cover
 whatever runs are finished.
 """
@@ -171,7 +174,8 @@ def _run_eval(root: Path, stage: Stage, stages: list[Stage], config) -> str:
     names = [r.name for r in runs]
     if done.exists():
         previous = json.loads(done.read_text())
-        if previous.get("run_order") == names and previous["methods"] == list(methods):
+        same = previous.get("run_order") == names and previous["methods"] == list(methods)
+        if same and previous.get("format") == eval_lib.REPORT_FORMAT:
             return "skipped: already covers these runs"
     eval_lib.localization_report(
         [root / n for n in names],

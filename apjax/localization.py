@@ -25,8 +25,13 @@ A constant map (all pixels equal, e.g. all zero) has no arg-max: it is a miss an
 arg-max (``tolerance=0``: the arg-max pixel itself). TorchRay's pointing game uses the strict test
 ``distance < tolerance``; its default 15 equals ``tolerance=sqrt(224)`` here (integer pixel grid), and
 TorchRay's rule accepts nothing at tolerance 0, which is why the inclusive form is used here.
-The reference's variant pools the masks of all classes of the image into one target
-(:func:`pooled_targets`); it is reported as ``Point_pooled`` next to the per-class ``Point``.
+
+The reference's variant (:func:`reference_cumulative_targets`, reported as ``Point_ref_cumulative`` next to
+the per-class ``Point``): the reference loops over the image's present classes in index order and appends
+each class's mask pixels to one list of accepted points BEFORE it checks whether that class is predicted,
+so for the pair of class k it accepts the pixels of every class j <= k present in the mask (predicted or
+not), never those of a class after k. Its arg-max is also the first maximum in row-major order. It is the
+same as ``Point`` for the image's lowest present class and only ever accepts more.
 
 Similarity (:func:`map_similarity`): both maps min-max normalised to [0, 1] (a constant map becomes all
 zeros) at the evaluation resolution (227x227 for VOC), then the cosine similarity and the l2 distance (the
@@ -49,12 +54,14 @@ __all__ = [
     "VOID",
     "localization_pairs",
     "class_targets",
-    "pooled_targets",
+    "reference_cumulative_targets",
     "roc_auc",
     "roc_auc_jax",
     "pointing_game",
     "minmax_normalize",
     "map_similarity",
+    "pair_scores",
+    "summarize_pair_scores",
     "localization_summary",
 ]
 
@@ -134,16 +141,17 @@ def class_targets(masks: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     return masks[pairs[:, 0]] == (pairs[:, 1] + 1)[:, None, None]
 
 
-def pooled_targets(masks: np.ndarray, pairs: np.ndarray, num_classes: int | None = None) -> np.ndarray:
-    """Bool (P, H, W): union of the masks of ALL classes present in each pair's image (reference's target).
+def reference_cumulative_targets(masks: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Bool (P, H, W): the reference's pointing-game target of each pair (image n, class k).
 
-    Class pixels are the values 1..num_classes (default: any value except 0 and 255), so void is excluded.
+    The union of the masks of the classes j <= k present in image n's mask (its list of accepted points
+    grows through its loop over the present classes, predicted or not): the pixels whose value lies in
+    1..k+1. A class absent from the mask adds no pixel, so this equals the union over present classes;
+    void (255) and background (0) are never accepted.
     """
     masks, pairs = _check_pairs(masks, pairs)
     m = masks[pairs[:, 0]]
-    if num_classes is None:
-        return (m != 0) & (m != VOID)
-    return (m >= 1) & (m <= num_classes)
+    return (m >= 1) & (m <= (pairs[:, 1] + 1)[:, None, None])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -350,15 +358,14 @@ def map_similarity(maps_a, maps_b) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def localization_summary(maps, masks, pairs, tolerance: float = 0.0) -> dict[str, float]:
-    """AUC and pointing accuracy of the maps of the given pairs.
+def pair_scores(maps, masks, pairs, tolerance: float = 0.0) -> dict[str, np.ndarray]:
+    """Per-pair scores of the maps of ``pairs``: what every localisation number is averaged from.
 
-    maps: (P, H, W), row p the map of ``pairs[p]`` at the masks' resolution; masks: uint8 (N, H, W);
-    pairs: (P, 2) from :func:`localization_pairs`. Returns
-    ``{'AUC': mean AUC over pairs (NaN skipped), 'auc_pairs': pairs with a defined AUC, 'Point': hit rate
-    over all pairs (constant maps are misses), 'Point_pooled': the same with the reference's pooled target,
-    'constant_maps': count, 'pairs': P}``. ``tolerance`` applies to both pointing variants. With no pairs the
-    fractions are NaN.
+    maps: (P, H, W), row p the map of ``pairs[p]`` at the masks' resolution; masks: uint8 (N, H, W) class
+    indices; pairs: (P, 2) from :func:`localization_pairs`. Returns ``{'auc': float64 (P,) (NaN where the
+    class covers all or none of the pixels), 'hit': bool (P,) (the arg-max in the class's mask),
+    'hit_ref_cumulative': bool (P,) (the arg-max in :func:`reference_cumulative_targets`), 'constant': bool
+    (P,) (maps with no arg-max, misses in both)}``. ``tolerance`` applies to both pointing variants.
     """
     x = _as_maps(maps)
     masks, pairs = _check_pairs(masks, pairs)
@@ -367,21 +374,42 @@ def localization_summary(maps, masks, pairs, tolerance: float = 0.0) -> dict[str
     if x.shape[1:] != masks.shape[1:]:
         raise ValueError(f"maps are {x.shape[1:]} but masks are {masks.shape[1:]}: resize the maps first")
     p = pairs.shape[0]
-    auc = np.full((p,), np.nan)
-    hits = np.zeros((p,), dtype=bool)
-    hits_pooled = np.zeros((p,), dtype=bool)
-    constant = np.zeros((p,), dtype=bool)
+    out = {
+        "auc": np.full((p,), np.nan),
+        "hit": np.zeros((p,), dtype=bool),
+        "hit_ref_cumulative": np.zeros((p,), dtype=bool),
+        "constant": np.zeros((p,), dtype=bool),
+    }
     for sl in _chunks(p, x.shape[1] * x.shape[2]):
         own = class_targets(masks, pairs[sl])
-        auc[sl] = roc_auc(x[sl], own)
-        hits[sl], constant[sl] = pointing_game(x[sl], own, tolerance)
-        hits_pooled[sl], _ = pointing_game(x[sl], pooled_targets(masks, pairs[sl]), tolerance)
+        out["auc"][sl] = roc_auc(x[sl], own)
+        out["hit"][sl], out["constant"][sl] = pointing_game(x[sl], own, tolerance)
+        cumulative = reference_cumulative_targets(masks, pairs[sl])
+        out["hit_ref_cumulative"][sl], _ = pointing_game(x[sl], cumulative, tolerance)
+    return out
+
+
+def summarize_pair_scores(scores: dict[str, np.ndarray]) -> dict[str, float]:
+    """Means of :func:`pair_scores` (concatenated over chunks of pairs if need be).
+
+    Returns ``{'AUC': mean AUC over the pairs with a defined AUC, 'auc_pairs': their number, 'Point': hit
+    rate over all pairs (constant maps are misses), 'Point_ref_cumulative': the same with the reference's
+    cumulative target, 'constant_maps': count, 'pairs': P}``; with no pairs the fractions are NaN.
+    """
+    auc = np.asarray(scores["auc"], np.float64)
+    p = len(auc)
     ok = ~np.isnan(auc)
     return {
         "AUC": float(auc[ok].mean()) if ok.any() else float("nan"),
         "auc_pairs": int(ok.sum()),
-        "Point": float(hits.mean()) if p else float("nan"),
-        "Point_pooled": float(hits_pooled.mean()) if p else float("nan"),
-        "constant_maps": int(constant.sum()),
+        "Point": float(np.mean(scores["hit"])) if p else float("nan"),
+        "Point_ref_cumulative": float(np.mean(scores["hit_ref_cumulative"])) if p else float("nan"),
+        "constant_maps": int(np.sum(scores["constant"])),
         "pairs": int(p),
     }
+
+
+def localization_summary(maps, masks, pairs, tolerance: float = 0.0) -> dict[str, float]:
+    """AUC and pointing accuracy of the maps of the given pairs: :func:`summarize_pair_scores` of
+    :func:`pair_scores` (see both for the arguments and the keys)."""
+    return summarize_pair_scores(pair_scores(maps, masks, pairs, tolerance))

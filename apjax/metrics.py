@@ -2,19 +2,30 @@
 
 Classification part: multi-label metrics for PASCAL VOC-style evaluation (K = 20 classes).
 
-- :func:`voc_map` is the standard VOC classification mAP: for each CLASS, rank all images of the
-  split by that class's score and compute the non-interpolated average precision; average over the
-  classes that have at least one positive in the split (the others are skipped and counted).
-- :func:`per_image_ap` is the metric of the reference code: for each IMAGE, rank its K classes and
-  compute the same AP; average over the images with at least one positive label. It is not the VOC
-  mAP and is reported under its own name.
-- :func:`sample_f1` is sklearn's ``f1_score(labels, logits > threshold, average="samples")``.
+- :func:`voc_map` is the VOC classification mAP: for each CLASS, rank all images of the split by that
+  class's score and compute its average precision; average over the classes that have at least one
+  positive in the split (the others are skipped and counted). Reported as ``mAP`` (non-interpolated AP,
+  sklearn's) and ``mAP_devkit`` (the VOC devkit's AP, ``voc_map(..., devkit=True)``).
+- :func:`per_image_ap` is the metric of the reference code and the paper's "mAP": for each IMAGE, rank
+  its K classes and compute sklearn's AP; average over the images with at least one positive label. It
+  is not the VOC mAP and is reported under its own name, ``per_image_AP``.
+- :func:`sample_f1` is sklearn's ``f1_score(labels, logits > threshold, average="samples")``. Reported
+  twice: ``F1`` at probability 0.5 (logit > 0) and ``F1_logit0.5``, the reference's and the paper's F1,
+  which thresholds the raw LOGIT: ``logit >= 0.5`` (probability 0.62).
 
-AP definition (identical to ``sklearn.metrics.average_precision_score``): with the scores sorted in
-decreasing order and tied scores forming one threshold, ``AP = sum_n (R_n - R_{n-1}) P_n`` over the
-distinct thresholds, ``R_0 = 0``. Equivalently ``AP = (1/P) sum_{i positive} precision(g(i))`` where
-``g(i)`` is the last rank of the tie group that contains item ``i``; that form is what is vectorised
-here (sort, cumulative sums, tie-group ends via a reversed running minimum).
+Which AP (both on one ranking of N items, scores sorted in decreasing order, tied scores forming one
+threshold; ``R_n`` and ``P_n`` are recall and precision at the n-th distinct threshold, ``R_0 = 0``):
+
+- non-interpolated (``sklearn.metrics.average_precision_score``, the default here and in the reference):
+  ``AP = sum_n (R_n - R_{n-1}) P_n``. Equivalently ``AP = (1/P) sum_{i positive} precision(g(i))`` where
+  ``g(i)`` is the last rank of the tie group that contains item ``i``; that form is what is vectorised
+  (sort, cumulative sums, tie-group ends via a reversed running minimum).
+- VOC devkit (VOC2010 and later, ``VOCevalcls`` / ``VOCap``): the area under the monotone precision
+  envelope, ``AP = sum_n (R_n - R_{n-1}) max_{m >= n} P_m``; never below the non-interpolated AP. The
+  devkit sorts with MATLAB's stable sort and so breaks tied scores by image order; here a tie group is one
+  threshold (the result does not depend on the order of the images), which equals the devkit wherever
+  scores are distinct. Difficult objects are positives here (SPEC section 3), where the devkit ignores them.
+  The VOC2007 11-point AP is not offered.
 
 Zero-division convention for F1 (sklearn's default ``zero_division="warn"``): a sample with no true
 and no predicted label has an undefined F1 and counts as 0.0 (sklearn also emits an
@@ -32,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "F1_LOGIT_THRESHOLD",
     "average_precision",
     "voc_map",
     "per_image_ap",
@@ -39,6 +51,10 @@ __all__ = [
     "classification_metrics",
     "multilabel_counts",
 ]
+
+
+F1_LOGIT_THRESHOLD = 0.5
+"""The reference's F1 threshold on the raw logit (``logit >= 0.5``, probability 0.62): ``F1_logit0.5``."""
 
 
 def _as_scores(x, ndim: int, name: str) -> np.ndarray:
@@ -61,10 +77,11 @@ def _as_targets(x, shape: tuple[int, ...], name: str) -> np.ndarray:
     return arr
 
 
-def _ap_columns(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Non-interpolated AP of each column of ``scores`` (N, M) against boolean ``targets`` (N, M).
+def _ap_columns(scores: np.ndarray, targets: np.ndarray, devkit: bool = False) -> np.ndarray:
+    """AP of each column of ``scores`` (N, M) against boolean ``targets`` (N, M).
 
-    Returns (M,) float64 with NaN for columns without a positive target.
+    Non-interpolated (sklearn's) by default; ``devkit=True``: the VOC devkit's area under the monotone
+    precision envelope. Returns (M,) float64 with NaN for columns without a positive target.
     """
     n, m = scores.shape
     if n == 0:
@@ -84,7 +101,15 @@ def _ap_columns(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     # end indices (non-end positions hold n, larger than any index).
     end_idx = np.where(is_end, np.arange(n)[:, None], n)
     group_end = np.minimum.accumulate(end_idx[::-1], axis=0)[::-1]
-    prec_at_group_end = np.take_along_axis(precision, group_end, axis=0)
+    if devkit:
+        # The envelope at a threshold is the best precision at that recall or any higher one: a reversed
+        # running max over the tie-group ends (other positions hold 0, which never raises a max). At a
+        # position inside a group, the first end at or after it is its own group's end, so the running
+        # max there already is the envelope at its group's end.
+        ends_only = np.where(is_end, precision, 0.0)
+        prec_at_group_end = np.maximum.accumulate(ends_only[::-1], axis=0)[::-1]
+    else:
+        prec_at_group_end = np.take_along_axis(precision, group_end, axis=0)
     n_pos = tp[-1]
     with np.errstate(invalid="ignore", divide="ignore"):
         ap = (y * prec_at_group_end).sum(axis=0) / n_pos
@@ -93,17 +118,18 @@ def _ap_columns(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return np.minimum(ap, 1.0)
 
 
-def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+def average_precision(scores: np.ndarray, targets: np.ndarray, devkit: bool = False) -> float:
     """AP of one ranking: scores float (N,), targets {0,1} (N,) with at least one positive.
 
-    Equals ``sklearn.metrics.average_precision_score(targets, scores)`` (tied scores are one
-    threshold). Raises ``ValueError`` if there is no positive.
+    Default: equals ``sklearn.metrics.average_precision_score(targets, scores)`` (tied scores are one
+    threshold). ``devkit=True``: the VOC devkit's AP (area under the monotone precision envelope, see the
+    module docstring). Raises ``ValueError`` if there is no positive.
     """
     s = _as_scores(scores, 1, "scores")
     t = _as_targets(targets, s.shape, "targets")
     if not t.any():
         raise ValueError("average_precision needs at least one positive target")
-    return float(_ap_columns(s[:, None], t[:, None])[0])
+    return float(_ap_columns(s[:, None], t[:, None], devkit)[0])
 
 
 def _check_pair(logits, labels) -> tuple[np.ndarray, np.ndarray]:
@@ -117,37 +143,41 @@ def _nanmean_or_nan(values: np.ndarray) -> float:
     return float(values[ok].mean()) if ok.any() else float("nan")
 
 
-def voc_map(logits, labels) -> tuple[float, np.ndarray]:
+def voc_map(logits, labels, devkit: bool = False) -> tuple[float, np.ndarray]:
     """logits float (N, K), labels {0,1} (N, K).
 
     Returns (mAP over classes with a positive, per-class AP (K,) with NaN for skipped classes).
-    Per-class AP ranks all N images by that class's score. The number of skipped classes is
+    Per-class AP ranks all N images by that class's score: sklearn's non-interpolated AP, or with
+    ``devkit=True`` the VOC devkit's (VOC2010+) envelope AP. The number of skipped classes is
     ``np.isnan(per_class).sum()``. If no class has a positive, mAP is NaN.
     """
     x, y = _check_pair(logits, labels)
-    per_class = _ap_columns(x, y)
+    per_class = _ap_columns(x, y, devkit)
     return _nanmean_or_nan(per_class), per_class
 
 
 def per_image_ap(logits, labels) -> float:
-    """The reference's metric: AP over the K classes of each image, averaged over images with a positive.
+    """The reference's metric, the paper's "mAP": sklearn's (non-interpolated) AP over the K classes of
+    each image, averaged over the images with a positive.
 
-    Returns NaN if no image has a positive label.
+    Returns NaN if no image has a positive label (the reference's ``compute_mAP`` averages over every
+    image; VOC's val images all have a label).
     """
     x, y = _check_pair(logits, labels)
     return _nanmean_or_nan(_ap_columns(x.T, y.T))
 
 
-def _per_sample_f1(x: np.ndarray, y: np.ndarray, threshold: float) -> np.ndarray:
-    pred = x > threshold
+def _per_sample_f1(x: np.ndarray, y: np.ndarray, threshold: float, inclusive: bool = False) -> np.ndarray:
+    pred = x >= threshold if inclusive else x > threshold
     tp = (pred & y).sum(axis=1).astype(np.float64)
     denom = pred.sum(axis=1) + y.sum(axis=1)  # = 2 TP + FP + FN
     # No true and no predicted label: 0/0, set to 0.0 (sklearn's default zero_division).
     return np.where(denom > 0, 2.0 * tp / np.maximum(denom, 1), 0.0)
 
 
-def sample_f1(logits, labels, threshold: float = 0.0) -> float:
-    """Sample-averaged F1 with predictions logits > threshold (0.0 = probability 0.5).
+def sample_f1(logits, labels, threshold: float = 0.0, inclusive: bool = False) -> float:
+    """Sample-averaged F1 with predictions ``logits > threshold`` (0.0 = probability 0.5), or
+    ``logits >= threshold`` with ``inclusive`` (the reference's ``output >= 0.5``).
 
     Equals ``sklearn.metrics.f1_score(labels, logits > threshold, average="samples")`` with the
     default ``zero_division``: samples with no true and no predicted label contribute 0.0.
@@ -155,17 +185,27 @@ def sample_f1(logits, labels, threshold: float = 0.0) -> float:
     x, y = _check_pair(logits, labels)
     if x.shape[0] == 0:
         raise ValueError("sample_f1 needs at least one sample")
-    return float(_per_sample_f1(x, y, threshold).mean())
+    return float(_per_sample_f1(x, y, threshold, inclusive).mean())
 
 
 def classification_metrics(logits, labels) -> dict[str, float]:
-    """{'mAP': ..., 'per_image_AP': ..., 'F1': ..., 'skipped_classes': int} in one call."""
+    """Every classification metric in one call (fractions in [0, 1]):
+
+    - ``mAP``: VOC classification mAP over classes, sklearn's non-interpolated AP;
+    - ``mAP_devkit``: the same with the VOC devkit's envelope AP;
+    - ``per_image_AP``: the reference's per-image AP (the paper's "mAP");
+    - ``F1``: sample F1 at probability 0.5 (logit > 0);
+    - ``F1_logit0.5``: sample F1 at logit >= 0.5 (the reference's and the paper's F1);
+    - ``skipped_classes``: int, classes without a positive (left out of both mAPs).
+    """
     x, y = _check_pair(logits, labels)
     m_ap, per_class = voc_map(x, y)
     return {
         "mAP": m_ap,
+        "mAP_devkit": voc_map(x, y, devkit=True)[0],
         "per_image_AP": per_image_ap(x, y),
         "F1": sample_f1(x, y),
+        "F1_logit0.5": sample_f1(x, y, F1_LOGIT_THRESHOLD, inclusive=True),
         "skipped_classes": int(np.isnan(per_class).sum()),
     }
 

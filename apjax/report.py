@@ -1,9 +1,11 @@
 """The sweep's report: the paper's tables filled with a sweep's numbers, plots and figures (Markdown).
 
-Every number comes from the stages' JSON files: classification (mAP, F1 of the best checkpoint), AUC,
-pointing accuracy, teacher-student Cos and l2 and parameter counts from ``eval/localization.json`` (and
-``eval_methods/localization.json`` for Table 8). On VOC the paper's value follows each of ours in
-parentheses (SPEC section 8).
+Every number comes from the stages' JSON files: classification (VOC mAP, the reference's per-image AP, F1
+at probability 0.5 and at logit >= 0.5, of the best checkpoint), AUC, pointing accuracy, teacher-student
+Cos and l2, parameter counts and what chose each checkpoint from ``eval/localization.json`` (and
+``eval_methods/localization.json`` for Table 8). On VOC the paper's value follows ours in parentheses in
+the column of the same quantity (SPEC sections 7 and 8): its mAP beside the per-image AP, its F1 beside F1
+at logit >= 0.5, its #Param beside the column that counts what it counted.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 from apjax import train_lib
 
 # The paper's numbers on VOC 2012 (SPEC section 8). Rows: mAP, F1, AUC, Point, Cos, l2 (percent except
-# Cos and l2).
+# Cos and l2); the paper's mAP is the reference's per-image AP and its F1 thresholds the logit at 0.5.
 PAPER_TEACHER = {"params": 15.22e6, "mAP": 91.83, "F1": 78.44, "AUC": 88.79, "Point": 80.21}
 PAPER_KD = {
     ("x2", "kd"): (83.75, 65.92, 82.53, 72.01, 0.705, 29.84),
@@ -56,8 +58,28 @@ PAPER_TABLE8 = {
     "lrp": ((85.29, 65.48), (79.60, 53.43), (82.46, 64.08)),
     "rap": ((84.54, 69.49), (80.85, 56.87), (83.53, 65.66)),
 }
-METRICS = ("mAP", "F1", "AUC", "Point", "Cos", "l2")
+PAPER_FIELDS = ("mAP", "F1", "AUC", "Point", "Cos", "l2")  # the order of the tuples above
 METHOD_NAMES = {"kd": "KD", "naive": "Naive", "ewa": "EWA", "swa": "SWA", "sswa": "SSWA"}
+
+# The columns of Tables 2 and 4-7: (header, our key, the paper's field of the same quantity or None). The
+# paper's "mAP" is the reference's per-image AP and its F1 thresholds the logit at 0.5 (SPEC section 7):
+# its numbers stand beside those columns only; VOC mAP and F1 at probability 0.5 have no paper number.
+COLUMNS = (
+    ("VOC mAP", "mAP", None),
+    ("per-image AP (paper's mAP)", "per_image_AP", "mAP"),
+    ("F1 (p > 0.5)", "F1", None),
+    ("F1 (logit >= 0.5, paper's F1)", "F1_logit0.5", "F1"),
+    ("AUC", "AUC", "AUC"),
+    ("Point", "Point", "Point"),
+    ("Cos", "Cos", "Cos"),
+    ("l2", "l2", "l2"),
+)
+PERCENT = ("mAP", "mAP_devkit", "per_image_AP", "F1", "F1_logit0.5", "AUC", "Point")
+# What each #Param column counts. The paper counts all parameters for the teacher, the KD students and
+# structured pruning (15.22M, 0.29M, 3.27M), but for unstructured pruning only the non-zero conv weights,
+# conv biases and BN scale and bias, without the head (0.53M at conv sparsity 1 - 0.8^15; SPEC section 6).
+PARAMS_ALL = "#Param (non-zero parameters, head included)"
+PARAMS_CONV_BN = "#Param (non-zero conv weights + conv biases + BN, head excluded)"
 
 
 def _finite(v: Any) -> bool:
@@ -65,10 +87,11 @@ def _finite(v: Any) -> bool:
 
 
 def fmt(metric: str, v: Any) -> str:
-    """A table cell: percentages for mAP/F1/AUC/Point, 3 decimals for Cos, 2 for l2, '-' if missing."""
+    """A table cell: percentages for the AP, F1, AUC and Point keys, 3 decimals for Cos, 2 for l2, '-' if
+    missing."""
     if not _finite(v):
         return "-"
-    if metric in ("mAP", "F1", "AUC", "Point"):
+    if metric in PERCENT:
         return f"{100 * v:.2f}"
     return f"{v:.3f}" if metric == "Cos" else f"{v:.2f}"
 
@@ -79,55 +102,69 @@ def fmt_params(n: Any) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
 
 
-def _paper(metric: str, v: Any) -> str:
+def _paper(field: str, v: Any) -> str:
     if v is None:
         return ""
-    return f" ({v:.3f})" if metric == "Cos" else f" ({v:.2f})"
+    return f" ({v:.3f})" if field == "Cos" else f" ({v:.2f})"
 
 
 def run_metrics(evaluation: dict | None, name: str, method: str = "gradcam") -> dict[str, Any]:
-    """mAP, F1, AUC, Point, Cos, l2 and parameter counts of one run from a localisation report."""
+    """One run's numbers from a localisation report: the val classification metrics (``mAP``,
+    ``mAP_devkit``, ``per_image_AP``, ``F1``, ``F1_logit0.5``), ``AUC``, ``Point``, ``Cos``, ``l2``, the
+    parameter counts ``params_nonzero`` and ``params_conv_bn`` (see :data:`PARAMS_ALL`,
+    :data:`PARAMS_CONV_BN`), ``step`` and ``checkpoint`` (what chose it). Keys a report written by an
+    older apjax lacks are None."""
     if not evaluation or name not in evaluation["runs"]:
         return {}
     r = evaluation["runs"][name]
     m = r["methods"].get(method, {})
-    return {
-        "mAP": r["val"]["mAP"],
-        "F1": r["val"]["F1"],
-        "AUC": m.get("AUC"),
-        "Point": m.get("Point"),
-        "Cos": m.get("Cos"),
-        "l2": m.get("l2"),
-        "params": r.get("params_nonzero", r.get("params")),
-    }
+    val = r["val"]
+    out = {k: val.get(k) for k in ("mAP", "mAP_devkit", "per_image_AP", "F1", "F1_logit0.5")}
+    out.update({k: m.get(k) for k in ("AUC", "Point", "Cos", "l2")})
+    out["params_nonzero"] = r.get("params_nonzero", r.get("params"))
+    out["params_conv_bn"] = r.get("params_conv_bn")
+    out["step"] = r.get("step")
+    out["checkpoint"] = r.get("checkpoint")
+    return out
 
 
 def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def _metric_cells(m: dict, paper: tuple | None, metrics=METRICS) -> list[str]:
+def _metric_cells(m: dict, paper: tuple | None) -> list[str]:
+    """The cells of :data:`COLUMNS`, the paper's value in parentheses where it is the same quantity."""
     cells = []
-    for k in metrics:
-        p = paper[METRICS.index(k)] if paper else None
-        cells.append(fmt(k, m.get(k)) + _paper(k, p))
+    for _, key, field in COLUMNS:
+        p = paper[PAPER_FIELDS.index(field)] if paper and field else None
+        cells.append(fmt(key, m.get(key)) + _paper(field, p))
     return cells
+
+
+def _params_cell(n: Any, paper: float | None) -> str:
+    return fmt_params(n) + (f" ({paper / 1e6:.2f}M)" if paper else "")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [_row(header), "|" + "---|" * len(header), *[_row(r) for r in rows]]
 
 
+def _chosen_by(selection: dict | None) -> tuple[str, str]:
+    """(criterion, value) cells of the checkpoint a run was evaluated at."""
+    if not selection:
+        return "-", "-"
+    if selection.get("checkpoint") != "best":
+        return str(selection.get("checkpoint")), "-"
+    metric = selection.get("best_metric", "mAP")
+    return f"best val {metric}", fmt(metric, selection.get("best_value"))
+
+
 def tables(config, stages, results: dict, voc: bool) -> list[str]:
-    """The Markdown of Tables 1, 2, 4-7 and 8 for the finished stages."""
+    """The Markdown of Tables 1, 2, 4-7 and 8 for the finished stages, and the checkpoints they used."""
     ev, ev8 = results["eval"], results["eval_methods"]
     lines: list[str] = []
     teacher = run_metrics(ev, "teacher")
-    tp = PAPER_TEACHER if voc else None
-
-    def teacher_cells(metrics):
-        paper = (tp["mAP"], tp["F1"], tp["AUC"], tp["Point"], None, None) if tp else None
-        return [fmt(k, teacher.get(k)) + (_paper(k, paper[METRICS.index(k)]) if tp else "") for k in metrics]
+    teacher_paper = tuple(PAPER_TEACHER.get(f) for f in PAPER_FIELDS) if voc else None
 
     # Table 1.
     from apjax.experiment import smallest_student
@@ -153,18 +190,38 @@ def tables(config, stages, results: dict, voc: bool) -> list[str]:
         if not m:
             continue
         p = paper1.get(name) if voc else None  # the paper's rows are the x8 student's
-        cells = [label, fmt_params(m["params"]) + (f" ({PAPER_PARAMS[pkey] / 1e6:.2f}M)" if p else "")]
+        # The paper's count stands in the column that counts what it counted.
+        paper_params = PAPER_PARAMS[pkey] if p else None
+        unstructured = pkey == "prune_u"
+        cells = [
+            label,
+            _params_cell(m["params_nonzero"], None if unstructured else paper_params),
+            _params_cell(m["params_conv_bn"], paper_params if unstructured else None),
+        ]
         for k, i in (("AUC", 0), ("Point", 1)):
             cells.append(fmt(k, m.get(k)) + (f" ({p[i]:.2f})" if p else ""))
         rows.append(cells)
     lines += ["## Table 1: compression deforms attribution (Grad-CAM, pairs with correct predictions)", ""]
-    lines += _table(["model", "#Param", "AUC", "Point"], rows) if rows else ["(no finished runs yet)"]
+    if rows:
+        lines += _table(["model", PARAMS_ALL, PARAMS_CONV_BN, "AUC", "Point"], rows)
+        if voc:
+            lines += [
+                "",
+                "The paper's #Param counts all parameters except for unstructured pruning, where it counts "
+                "the non-zero conv weights, conv biases and BN without the head (0.53M at conv sparsity "
+                "1 - 0.8^15): each paper count stands in the column that counts the same.",
+            ]
+    else:
+        lines.append("(no finished runs yet)")
     lines.append("")
 
     # Table 2.
     rows = []
+    headers = [h for h, _, _ in COLUMNS]
     if teacher:
-        rows.append(["teacher", "-", fmt_params(teacher["params"]), *teacher_cells(METRICS[:4]), "-", "-"])
+        paper_params = PAPER_PARAMS["teacher"] if voc else None
+        cells = _metric_cells(teacher, teacher_paper)
+        rows.append(["teacher", "-", _params_cell(teacher["params_nonzero"], paper_params), *cells])
     for s in stages:
         if s.kind != "distill":
             continue
@@ -172,9 +229,13 @@ def tables(config, stages, results: dict, voc: bool) -> list[str]:
         if not m:
             continue
         p = PAPER_KD.get((s.student, s.method)) if voc else None
-        rows.append([s.student, METHOD_NAMES[s.method], fmt_params(m["params"]), *_metric_cells(m, p)])
+        paper_params = PAPER_PARAMS["kd_x8"] if p and s.student == "x8" else None
+        cells = _metric_cells(m, p)
+        rows.append(
+            [s.student, METHOD_NAMES[s.method], _params_cell(m["params_nonzero"], paper_params), *cells]
+        )
     lines += ["## Table 2: knowledge distillation (Grad-CAM at the last conv; Cos and l2 to the teacher)", ""]
-    lines += _table(["student", "method", "#Param", *METRICS], rows)
+    lines += _table(["student", "method", PARAMS_ALL, *headers], rows)
     lines.append("")
 
     # Tables 4-7.
@@ -188,10 +249,19 @@ def tables(config, stages, results: dict, voc: bool) -> list[str]:
             if not m:
                 continue
             p = PAPER_PRUNE[prefix][s.method] if voc else None
-            rows.append([METHOD_NAMES[s.method], fmt_params(m["params"]), *_metric_cells(m, p)])
+            paper_params = PAPER_PARAMS[prefix] if p else None
+            if prefix == "prune_u":
+                counts = [
+                    _params_cell(m["params_nonzero"], None),
+                    _params_cell(m["params_conv_bn"], paper_params),
+                ]
+            else:
+                counts = [_params_cell(m["params_nonzero"], paper_params)]
+            rows.append([METHOD_NAMES[s.method], *counts, *_metric_cells(m, p)])
         if rows:
+            count_headers = [PARAMS_ALL, PARAMS_CONV_BN] if prefix == "prune_u" else [PARAMS_ALL]
             lines += [f"## {title}", ""]
-            lines += _table(["method", "#Param (non-zero)", *METRICS], rows)
+            lines += _table(["method", *count_headers, *headers], rows)
             lines.append("")
 
     # Table 8.
@@ -211,6 +281,16 @@ def tables(config, stages, results: dict, voc: bool) -> list[str]:
         header = ["method"] + [f"{n} {k}" for n in names for k in ("AUC", "Point")]
         lines += [f"## Table 8: other attribution methods (teacher, KD {smallest}, KD {smallest} + SSWA)", ""]
         lines += _table(header, rows)
+        lines.append("")
+
+    # The checkpoints behind the numbers.
+    if ev:
+        rows = []
+        for name in ev.get("run_order", ev["runs"]):
+            m = run_metrics(ev, name)
+            rows.append([name, str(m["step"]), *_chosen_by(m["checkpoint"])])
+        lines += ["## Checkpoints evaluated (the val metric that chose each)", ""]
+        lines += _table(["run", "step", "chosen by", "its val value"], rows)
         lines.append("")
     return lines
 
@@ -232,7 +312,7 @@ def plot_against_params(root: Path, stages, results: dict) -> list[str]:
         m = run_metrics(ev, s.name)
         if s.kind in kinds and m:
             label = f"{kinds[s.kind]}: {METHOD_NAMES[s.method]}"
-            points.setdefault(label, []).append((m["params"], m["AUC"], m["Cos"]))
+            points.setdefault(label, []).append((m["params_nonzero"], m["AUC"], m["Cos"]))
     teacher = run_metrics(ev, "teacher")
     written = []
     out = root / "figures"
@@ -246,9 +326,11 @@ def plot_against_params(root: Path, stages, results: dict) -> list[str]:
                 y = [p[col] * (100 if col == 1 else 1) for p in pts]
                 ax.plot(x, y, marker="o", label=label)
         if teacher and col == 1 and _finite(teacher.get("AUC")):
-            ax.scatter([teacher["params"]], [100 * teacher["AUC"]], marker="*", s=150, c="k", label="teacher")
+            ax.scatter(
+                [teacher["params_nonzero"]], [100 * teacher["AUC"]], marker="*", s=150, c="k", label="teacher"
+            )
         ax.set_xscale("log")
-        ax.set_xlabel("parameters (non-zero)")
+        ax.set_xlabel("non-zero parameters (head included)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -273,12 +355,18 @@ def write_report(config, root: Path, stages) -> Path:
         "",
         f"Data: {config.data.dataset} ({config.data.image_size}x{config.data.image_size}); root: `{root}`; "
         f"written {time.strftime('%Y-%m-%d %H:%M')}.",
-        "Numbers: mAP and F1 on val (best checkpoint, percent); AUC and Point (pointing accuracy) of "
-        "Grad-CAM on segmentation_val over the pairs (image, class) with the class present and predicted; "
-        "Cos and l2 compare a run's map with the teacher's (min-max normalised) on the pairs both predict.",
+        "Numbers (percent, on val at each run's best checkpoint): VOC mAP = mean over classes of the "
+        "non-interpolated AP (sklearn's); per-image AP = the reference's metric, AP over the classes of each "
+        "image averaged over images (the paper's mAP); F1 = sample F1 at probability 0.5 and at logit >= 0.5 "
+        "(the reference's threshold, the paper's F1). AUC and Point (pointing accuracy) of Grad-CAM on "
+        "segmentation_val over the pairs (image, class) with the class present and predicted; Cos and l2 "
+        "compare a run's map with the teacher's (min-max normalised) on the pairs both predict.",
     ]
     if voc:
-        lines.append("The paper's value follows ours in parentheses.")
+        lines.append(
+            "The paper's value follows ours in parentheses, in the column of the same quantity only: its mAP "
+            "beside our per-image AP, its F1 beside our F1 at logit >= 0.5."
+        )
     lines.append("")
     stage_log = root / "stages.json"
     if stage_log.exists():

@@ -7,9 +7,10 @@ inside the step on the device. Training is addressed by step: the batch of step 
 functions of (seed, s) alone, so a resumed run continues exactly where the checkpoint left it.
 
 Checkpoints (Orbax ``CheckpointManager``) live in ``<workdir>/checkpoints/latest`` (every
-``checkpoint_every_epochs``) and ``<workdir>/checkpoints/best`` (best val mAP); each holds the state and a
-JSON of step, epoch and best mAP. Orbax writes each into a temporary folder and renames it when complete,
-so a run killed mid-save resumes from the last complete one.
+``checkpoint_every_epochs``) and ``<workdir>/checkpoints/best`` (best by ``config.best_metric`` on val:
+VOC mAP by default, the reference's per-image AP in the paper's sweep); each holds the state and a JSON of
+step, epoch, the criterion's name and best value. Orbax writes each into a temporary folder and renames it
+when complete, so a run killed mid-save resumes from the last complete one.
 """
 
 from __future__ import annotations
@@ -36,11 +37,11 @@ from tqdm import tqdm
 
 from apjax import metrics as metrics_lib
 from apjax.compress.losses import bce_loss
-from apjax.data import DATASETS, HostCache, class_names, load_cached_split
+from apjax.data import DATASETS, HostCache, check_data_config, class_names, load_cached_split
 from apjax.data.augment import eval_preprocess, train_augment
 from apjax.data.pipeline import TrainBatches, batch_sharding, check_batch_size, data_mesh, eval_batches
 from apjax.data.synthetic import SyntheticConfig
-from apjax.models import check_input_size, create_model, init_variables, variant_widths
+from apjax.models import INITS, check_input_size, create_model, init_variables, variant_widths
 
 TASKS = ("teacher", "distill", "prune_unstructured", "prune_structured")
 # The config blocks each task reads beyond the common ones, and the config file that has them.
@@ -68,6 +69,9 @@ RESUMABLE_CHANGES = (
     "data.data_dir",
     "distributed",
 )
+# Config fields added after runs were saved, with the value those runs had: a config (saved or new)
+# without one is compared as if it held that value, so older workdirs still resume.
+ADDED_FIELDS = {"best_metric": "mAP"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -86,9 +90,25 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             )
     if config.data.dataset not in DATASETS:
         raise ValueError(f"unknown dataset {config.data.dataset!r}; choose one of {list(DATASETS)}.")
+    check_data_config(config.data)  # cache_size (0: original resolution) and split_sizes
     variant_widths(config.model)  # a named variant or a widths list
+    if config.get("model_init", "pytorch_default") not in INITS:
+        raise ValueError(f"unknown config.model_init {config.model_init!r}; choose one of {list(INITS)}.")
+    if config.task == "teacher" and config.data.dataset == "voc":
+        if not config.get("init_from") and not config.get("from_scratch", False):
+            raise ValueError(
+                "the paper's VOC teacher starts from torchvision's ImageNet vgg16_bn weights: pass "
+                "--config.init_from=/path/to/vgg16_bn.pth (or .npz; in the sweep "
+                "--config.teacher.init_from), or --config.from_scratch=True to train it from scratch."
+            )
+    if config.get("from_scratch", False) and config.get("init_from"):
+        raise ValueError("config.from_scratch is True but config.init_from is set; choose one of the two.")
     if config.precision not in PRECISIONS:
         raise ValueError(f"unknown precision {config.precision!r}; choose one of {list(PRECISIONS)}.")
+    if best_metric_of(config) not in BEST_METRICS:
+        raise ValueError(
+            f"unknown config.best_metric {config.best_metric!r}; choose one of {list(BEST_METRICS)}."
+        )
     if config.optimizer.name != "sgd":
         raise ValueError(f"unknown optimizer {config.optimizer.name!r}; apjax's recipes use 'sgd'.")
     positive = {
@@ -98,7 +118,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "eval_every_epochs": config.eval_every_epochs,
         "checkpoint_every_epochs": config.checkpoint_every_epochs,
         "data.image_size": config.data.image_size,
-        "data.cache_size": config.data.cache_size,
     }
     for name, value in positive.items():
         if not isinstance(value, int) or value < 1:
@@ -208,17 +227,22 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
         num_classes=num_classes,
         dtype=PRECISIONS[config.precision],
         dropout_rate=config.dropout_rate,
+        init=config.get("model_init", "pytorch_default"),
     )
 
 
 def create_train_state(
-    config: ml_collections.ConfigDict, model, tx: optax.GradientTransformation
+    config: ml_collections.ConfigDict, model, tx: optax.GradientTransformation, *, pretrained: bool = True
 ) -> TrainState:
-    """A fresh state from ``config.seed`` (and ``config.init_from`` torchvision weights, if set)."""
+    """A fresh state from ``config.seed``, with ``config.init_from``'s torchvision weights if set.
+
+    ``pretrained=False`` never reads ``init_from``: the state a checkpoint is restored into (its shapes
+    are the same), which may also be built under ``jax.eval_shape`` (see :func:`abstract_train_state`).
+    """
     key = jax.random.key(config.seed)
     init_key, run_key = jax.random.split(key)
     variables = init_variables(model, init_key, config.data.image_size)
-    if config.init_from:
+    if pretrained and config.get("init_from"):
         from apjax.models.torch_import import import_torchvision_vgg_bn, load_state_dict
 
         variables = import_torchvision_vgg_bn(
@@ -237,6 +261,15 @@ def create_train_state(
         rng=jax.random.key_data(run_key),
         masks=masks,
     )
+
+
+def abstract_train_state(
+    config: ml_collections.ConfigDict, model, tx: optax.GradientTransformation, sharding=None
+) -> TrainState:
+    """Shapes and dtypes of the state (``jax.ShapeDtypeStruct`` leaves, with ``sharding`` if given): what a
+    checkpoint is restored into. Computes nothing and reads no weight file."""
+    abstract = jax.eval_shape(lambda: create_train_state(config, model, tx, pretrained=False))
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -287,15 +320,15 @@ def make_train_step(
 ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """The jitted teacher step ``(state, batch) -> (state, metrics)`` on ``mesh``; state donated.
 
-    ``batch`` holds ``images`` uint8 (B, S, S, 3), ``sizes`` int32 (B, 2), ``labels`` uint8 (B, K),
-    split over 'data'. Metrics (``loss``, ``lr``) stay on the device. ``crop_scale`` is the
-    RandomResizedCrop area range.
+    ``batch`` holds ``images`` uint8 (B, S, S, 3), ``sizes`` and ``extents`` int32 (B, 2), ``labels``
+    uint8 (B, K), split over 'data' (:class:`apjax.data.pipeline.TrainBatches`). Metrics (``loss``,
+    ``lr``) stay on the device. ``crop_scale`` is the RandomResizedCrop area range.
     """
 
     def step(state: TrainState, batch: Mapping[str, jax.Array]):
         aug_key, dropout_key = step_keys(state, 2)
         x = train_augment(
-            aug_key, batch["images"], batch["sizes"], out_size=image_size, dtype=model.dtype, scale=crop_scale
+            aug_key, batch["images"], batch["sizes"], batch["extents"], image_size, model.dtype, crop_scale
         )
         labels = batch["labels"].astype(jnp.float32)
 
@@ -322,16 +355,21 @@ def make_train_step(
 
 
 def make_eval_step(model, image_size: int, mesh: Mesh) -> Callable:
-    """The jitted ``(params, batch_stats, images uint8 (B, S, S, 3)) -> logits (B, K)`` in eval mode."""
+    """The jitted ``(params, batch_stats, images, extents) -> logits (B, K)`` in eval mode.
 
-    def step(params, batch_stats, images):
-        x = eval_preprocess(images, out_size=image_size, dtype=model.dtype)
+    ``images`` uint8 (B, S, S, 3) and ``extents`` int32 (B, 2) as in :func:`apjax.data.pipeline.eval_batches`.
+    """
+
+    def step(params, batch_stats, images, extents):
+        x = eval_preprocess(images, extents, out_size=image_size, dtype=model.dtype)
         logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, x)
         return logits
 
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(
-        step, in_shardings=(replicated, replicated, batch_sharding(mesh)), out_shardings=batch_sharding(mesh)
+        step,
+        in_shardings=(replicated, replicated, batch_sharding(mesh), batch_sharding(mesh)),
+        out_shardings=batch_sharding(mesh),
     )
 
 
@@ -359,7 +397,10 @@ def valid_rows(x: jax.Array, valid: jax.Array) -> np.ndarray:
 
 
 def classification_summary(logits: np.ndarray, labels: np.ndarray) -> dict:
-    """mAP, the reference's per-image AP, sample F1 at probability 0.5 and the mean BCE."""
+    """Every metric of :func:`apjax.metrics.classification_metrics` and the mean BCE: ``mAP`` (VOC mAP,
+    sklearn's AP), ``mAP_devkit`` (the VOC devkit's envelope AP), ``per_image_AP`` (the reference's, the
+    paper's "mAP"), ``F1`` (probability 0.5), ``F1_logit0.5`` (the reference's, the paper's F1),
+    ``skipped_classes`` and ``bce``."""
     labels = np.asarray(labels, np.float32)
     m = metrics_lib.classification_metrics(logits, labels)
     m["bce"] = float(np.mean(optax.sigmoid_binary_cross_entropy(logits, labels)))
@@ -370,13 +411,13 @@ def predict(eval_step: Callable, params, batch_stats, cache: HostCache, batch_si
     """Logits of the whole split in order: float32 (N, K), on the host."""
     out = []
     for batch in eval_batches(cache, batch_size, mesh):
-        out.append((eval_step(params, batch_stats, batch["images"]), batch["valid"]))
+        out.append((eval_step(params, batch_stats, batch["images"], batch["extents"]), batch["valid"]))
     logits = np.concatenate([valid_rows(lg, v) for lg, v in out])
     return logits
 
 
 def evaluate(eval_step, params, batch_stats, cache: HostCache, batch_size: int, mesh: Mesh) -> dict:
-    """Classification metrics of the split: mAP, the reference's per-image AP, sample F1 at 0.5."""
+    """Classification metrics of the split (:func:`classification_summary`)."""
     return classification_summary(
         predict(eval_step, params, batch_stats, cache, batch_size, mesh), cache.labels
     )
@@ -388,7 +429,7 @@ def evaluate(eval_step, params, batch_stats, cache: HostCache, batch_size: int, 
 
 
 class Checkpoints:
-    """The latest and the best (by val mAP) checkpoints of a workdir, one each."""
+    """The latest and the best (by ``config.best_metric`` on val) checkpoints of a workdir, one each."""
 
     def __init__(self, workdir: str | os.PathLike):
         root = Path(workdir).absolute() / "checkpoints"
@@ -472,8 +513,8 @@ def check_resume_config(workdir: Path, config: ml_collections.ConfigDict) -> Non
     path = workdir / "config.json"
     if not path.exists():
         return
-    old = _flat(json.loads(path.read_text()))
-    new = _flat(json.loads(config.to_json_best_effort()))
+    old = {**ADDED_FIELDS, **_flat(json.loads(path.read_text()))}
+    new = {**ADDED_FIELDS, **_flat(json.loads(config.to_json_best_effort()))}
     changed = sorted(
         k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES
     )
@@ -554,7 +595,27 @@ def num_classes_of(config: ml_collections.ConfigDict) -> int:
     return len(class_names(config.data.dataset, synthetic))
 
 
-CLASSIFICATION_PERCENT = ("mAP", "per_image_AP", "F1")
+CLASSIFICATION_PERCENT = ("mAP", "mAP_devkit", "per_image_AP", "F1", "F1_logit0.5")
+# Val metrics that may pick the best checkpoint (config.best_metric; higher is better): VOC mAP (sklearn's
+# AP), VOC mAP with the devkit's AP, and the reference's criterion, its per-image AP (the paper's "mAP").
+BEST_METRICS = ("mAP", "mAP_devkit", "per_image_AP")
+
+
+def best_metric_of(config: ml_collections.ConfigDict) -> str:
+    """The val metric that picks the best checkpoint: ``config.best_metric``, or ``'mAP'`` for a config
+    saved before the field existed (those runs were all selected by VOC mAP)."""
+    return config.get("best_metric", "mAP")
+
+
+def resumed_best(meta: Mapping[str, Any], metric: str) -> float:
+    """The best value of ``metric`` so far, from the meta of the latest checkpoint a run resumes from.
+
+    A checkpoint saved before the criterion was recorded holds ``best_mAP`` (its runs chose by VOC mAP);
+    with no usable record the next evaluation picks the best checkpoint afresh (-1, below any metric).
+    """
+    if "best_metric" in meta:
+        return float(meta["best_value"]) if meta["best_metric"] == metric else -1.0
+    return float(meta.get("best_mAP", -1.0)) if metric == "mAP" else -1.0
 
 
 @dataclasses.dataclass
@@ -565,15 +626,28 @@ class Task:
       init_state: () -> a fresh :class:`TrainState` (not yet on the mesh).
       train_step: (state, batch) -> (state, metrics); jitted, metrics stay on the device. Metrics are
         averaged between log steps; ``loss`` must be among them.
-      evaluate: (state, cache) -> dict of floats on a split; must hold ``mAP`` (the best checkpoint's key).
+      evaluate: (state, cache) -> dict of floats on a split; must hold the ``config.best_metric`` that picks
+        the best checkpoint (:data:`BEST_METRICS`).
       describe: optional (final state) -> dict of extra entries for ``final_metrics.json`` (e.g. the
         parameter counts of a pruned net).
+      abstract_init: optional (sharding) -> the state's shapes (``jax.ShapeDtypeStruct`` leaves) to
+        restore a checkpoint into, built without computing the initial state (and so without reading a
+        weight file); by default the shapes of ``init_state()``.
     """
 
     init_state: Callable[[], TrainState]
     train_step: Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]
     evaluate: Callable[[TrainState, HostCache], dict[str, float]]
     describe: Callable[[TrainState], dict[str, Any]] | None = None
+    abstract_init: Callable[[Any], TrainState] | None = None
+
+    def abstract_state(self, sharding) -> TrainState:
+        """What a checkpoint of this task is restored into (see ``abstract_init``)."""
+        if self.abstract_init is not None:
+            return self.abstract_init(sharding)
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), self.init_state()
+        )
 
 
 def teacher_task(
@@ -589,6 +663,7 @@ def teacher_task(
     eval_bs = max(config.batch_size, mesh.devices.size)
     return Task(
         init_state=lambda: create_train_state(config, model, tx),
+        abstract_init=lambda sharding: abstract_train_state(config, model, tx, sharding),
         train_step=step,
         evaluate=lambda state, cache: evaluate(
             eval_step, state.params, state.batch_stats, cache, eval_bs, mesh
@@ -668,14 +743,17 @@ def run_training(
     spe = batches.steps_per_epoch
     total_steps = epochs_to_steps(config, spe)["total"]
     replicated = NamedSharding(mesh, PartitionSpec())
-    state = jax.device_put(task.init_state(), replicated)
     checkpoints = Checkpoints(workdir)
-    best_map = -1.0
-    restored = Checkpoints.restore(checkpoints.latest, state)
-    if restored is not None:
+    metric = best_metric_of(config)  # picks the best checkpoint
+    best_value = -1.0
+    # A resumed run never rebuilds its initial state (nor reads init_from's weight file again).
+    restored = Checkpoints.restore(checkpoints.latest, task.abstract_state(replicated))
+    if restored is None:
+        state = jax.device_put(task.init_state(), replicated)
+    else:
         state, meta = restored
         state = jax.device_put(state, replicated)
-        best_map = float(meta.get("best_mAP", -1.0))
+        best_value = resumed_best(meta, metric)
         if is_main:
             print(f"Resuming {workdir} from step {int(meta['step'])} (epoch {meta['epoch']}).")
 
@@ -718,15 +796,19 @@ def run_training(
                 if epoch % config.eval_every_epochs == 0 or done == total_steps:
                     val = task.evaluate(state, data["val"])
                     log.write(step=done, epoch=epoch, **{f"val/{k}": v for k, v in val.items()})
-                    if val["mAP"] > best_map:
-                        best_map = val["mAP"]
-                        checkpoints.save_best(state, {"step": done, "epoch": epoch, "mAP": best_map})
+                    if val[metric] > best_value:
+                        best_value = val[metric]
+                        best_meta = {"best_metric": metric, "best_value": best_value, "mAP": val["mAP"]}
+                        checkpoints.save_best(state, {"step": done, "epoch": epoch, **best_meta, "val": val})
                     if is_main:
-                        line = f"epoch {epoch}: val mAP {100 * val['mAP']:.2f} (best {100 * best_map:.2f})"
-                        bar.write(line)
+                        line = f"epoch {epoch}: val mAP {100 * val['mAP']:.2f}"
+                        if metric != "mAP":
+                            line += f", {metric} {100 * val[metric]:.2f}"
+                        bar.write(f"{line} (best {metric} {100 * best_value:.2f})")
                 if epoch % config.checkpoint_every_epochs == 0 or done == total_steps:
                     # The data position is the step: batches are addressed by step (TrainBatches).
-                    meta = {"step": done, "epoch": epoch, "best_mAP": best_map, "data_position": done}
+                    meta = {"step": done, "epoch": epoch, "data_position": done}
+                    meta.update(best_metric=metric, best_value=best_value)
                     checkpoints.save_latest(state, meta)
         bar.close()
 

@@ -29,7 +29,8 @@ augmentation; nothing is trained (the weights come from ``init_variables``). The
   masks in the train state, SSWA matching against the unpruned teacher) at the paper's last sparsity;
 - ``loc[m]``: localisation evaluation of the teacher with attribution method ``m``, as ``eval.py`` does
   it per batch of (image, class) pairs: ``attribution_fn`` maps, resized to the input, then per-pixel
-  AUC and the pointing game (class and pooled) on the host, over the synthetic segmentation split.
+  AUC and the pointing game (class and the reference's cumulative variant) on the host, over the
+  synthetic segmentation split.
 
 Data sources: ``random`` is a few uint8 batches in the host-cache layout (images (B, S, S, 3), original
 sizes, multi-hot labels) placed on the devices beforehand and used in turn; ``pipeline`` is the real input
@@ -193,8 +194,8 @@ def build_teacher_forward(s: Setting, mesh: Mesh, variant: str | None) -> Worklo
     return Workload(
         jitted=step,
         carry=variables,
-        call=lambda v, b: (v, step(v["params"], v["batch_stats"], b["images"])),
-        args=lambda v, b: (v["params"], v["batch_stats"], b["images"]),
+        call=lambda v, b: (v, step(v["params"], v["batch_stats"], b["images"], b["extents"])),
+        args=lambda v, b: (v["params"], v["batch_stats"], b["images"], b["extents"]),
         config={"model": s.teacher, "precision": s.precision, "mode": "eval", "step": "make_eval_step"},
     )
 
@@ -384,6 +385,7 @@ def random_batches(s: Setting, mesh: Mesh, count: int, seed: int = 0) -> list[di
         host = {
             "images": rng.integers(0, 256, (b, side, side, 3), dtype=np.uint8),
             "sizes": rng.integers(side * 3 // 4, 2 * side + 1, (b, 2)).astype(np.int32),
+            "extents": np.full((b, 2), side, np.int32),  # a squashed cache's layout: each slot filled
             "labels": (rng.random((b, k)) < 0.15).astype(np.uint8),
         }
         out.append(jax.device_put(host, batch_sharding(mesh)))
@@ -490,7 +492,7 @@ def measure_localization(s: Setting, method: str, args, mesh: Mesh, seg, masks: 
         raise ValueError(f"{len(pairs)} localisation pairs, fewer than a batch of {bs}; raise --loc-images.")
 
     def device_inputs(chunk):
-        x = eval_preprocess(jnp.asarray(seg.images[chunk[:, 0]]), out_size=size)
+        x = eval_preprocess(jnp.asarray(seg.images[chunk[:, 0]]), seg.extents[chunk[:, 0]], out_size=size)
         return x, jnp.asarray(chunk[:, 1], jnp.int32)
 
     x0, c0 = device_inputs(chunks[0])
@@ -500,20 +502,17 @@ def measure_localization(s: Setting, method: str, args, mesh: Mesh, seg, masks: 
     else:
         base["note"] = "attribution_fn exposes no .lower: compile_s is the first call minus a median call"
     t = time.perf_counter()
-    _maps_for_pairs(fn, seg.images, chunks[0], size, bs)
+    _maps_for_pairs(fn, seg, chunks[0], size, bs)
     first = time.perf_counter() - t
     for i in range(1, args.warmup):
-        _maps_for_pairs(fn, seg.images, chunks[i % len(chunks)], size, bs)
+        _maps_for_pairs(fn, seg, chunks[i % len(chunks)], size, bs)
     total, map_s, metric_s = [], [], []
     for i in range(args.steps):
         chunk = chunks[i % len(chunks)]
         t0 = time.perf_counter()
-        maps = _maps_for_pairs(fn, seg.images, chunk, size, bs)
+        maps = _maps_for_pairs(fn, seg, chunk, size, bs)
         t1 = time.perf_counter()
-        targets = loc.class_targets(masks, chunk)
-        loc.roc_auc(maps, targets)
-        loc.pointing_game(maps, targets, 0.0)
-        loc.pointing_game(maps, loc.pooled_targets(masks, chunk), 0.0)
+        loc.pair_scores(maps, masks, chunk, 0.0)  # the report's AUC and both pointing games
         t2 = time.perf_counter()
         total.append(t2 - t0), map_s.append(t1 - t0), metric_s.append(t2 - t1)
     device = []
@@ -549,7 +548,7 @@ def synthetic_sizes(args) -> dict[str, int]:
 def load_data(args, data_dir: str, need_train: bool, need_seg: bool) -> dict:
     """The synthetic benchmark's train and segmentation caches at ``--cache-size`` (built on first use)."""
     from apjax.data import load_cached_split
-    from apjax.data.augment import resize_masks_nearest
+    from apjax.data.pipeline import eval_masks
     from apjax.data.synthetic import SyntheticConfig
 
     gen = SyntheticConfig(num_classes=args.num_classes, image_size=args.cache_size, seed=0)
@@ -560,12 +559,7 @@ def load_data(args, data_dir: str, need_train: bool, need_seg: bool) -> dict:
     if need_seg:
         seg = load_cached_split("synthetic", "segmentation_val", data_dir, args.cache_size, gen, sizes)
         out["seg"] = seg
-        out["masks"] = np.concatenate(
-            [
-                np.asarray(resize_masks_nearest(jnp.asarray(seg.masks[i : i + 256]), args.image_size))
-                for i in range(0, len(seg), 256)
-            ]
-        )
+        out["masks"] = eval_masks(seg, args.image_size)
     return out
 
 

@@ -42,30 +42,41 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def data_config(data: str, small: bool, image_size: int | None) -> ml_collections.ConfigDict:
-    """The ``config.data`` block for ``voc`` or ``synthetic`` (small: 64x64 and few images)."""
+    """The ``config.data`` block for ``voc`` or ``synthetic`` (small: 64x64 and few images).
+
+    ``cache_size``: 0 (the default, the reference's pipeline) caches every image at its original
+    resolution, so RandomResizedCrop cuts its box from the original pixels and resizes it once, and eval
+    images and masks are resized once from the original (SPEC section 3). ``N > 0`` squashes every image
+    to N x N in the cache first: a DEVIATION from the reference (most training crops are then upsampled
+    from the smaller copy, so blurrier than torchvision's, and eval images and masks are resized twice),
+    for hosts short of memory or to repeat runs made with it (earlier versions used 256).
+
+    ``split_sizes`` (synthetic benchmark only) is the number of images per split. VOC has none: its
+    splits are the official image lists, and giving other sizes is refused.
+    """
     if data not in ("voc", "synthetic"):
         raise ValueError(f"unknown data {data!r}; choose voc or synthetic.")
     c = ml_collections.ConfigDict()
     c.dataset = data
-    c.data_dir = "~/tensorflow_datasets"  # tfds's data_dir; VOC's tar goes in <data_dir>/downloads/manual
-    if small:
-        c.image_size = image_size or 64
-        c.cache_size = c.image_size + c.image_size // 8  # room for RandomResizedCrop to resample from
-    else:
-        c.image_size = image_size or 227
-        c.cache_size = 256
+    c.data_dir = "~/tensorflow_datasets"  # tfds's data_dir; prepare VOC with python -m apjax.data.prepare
+    c.image_size = image_size or (64 if small else 227)
+    c.cache_size = 0  # 0: original resolution (faithful); N > 0: squash to NxN (a deviation)
     # RandomResizedCrop's area range: torchvision's default for VOC; milder on the small images, where a
     # 0.08 crop of a 72-pixel image often cuts every object out and leaves its labels wrong.
     c.crop_scale = (0.35, 1.0) if small else (0.08, 1.0)
-    # The synthetic benchmark's generator (ignored for VOC); see apjax.data.synthetic.SyntheticConfig.
+    # The synthetic benchmark's generator (ignored for VOC); see apjax.data.synthetic.SyntheticConfig. Its
+    # images are generated at `image_size` (the original resolution): a little larger than the crops, so
+    # that RandomResizedCrop has room to resample from.
+    side = c.image_size + c.image_size // 8 if small else 256
     c.synthetic = ml_collections.ConfigDict(
-        dict(SMALL_SYNTHETIC, image_size=c.cache_size, context_prob=0.0, context_noise=0.0, seed=0)
+        dict(SMALL_SYNTHETIC, image_size=side, context_prob=0.0, context_noise=0.0, seed=0)
     )
     if not small:
         c.synthetic.num_classes, c.synthetic.max_objects, c.synthetic.num_distractors = 20, 4, 3
-    c.split_sizes = ml_collections.ConfigDict(
-        SMALL_SPLITS if small else dict(train=5717, val=5823, segmentation_val=1449)
-    )
+    if data == "synthetic":
+        c.split_sizes = ml_collections.ConfigDict(
+            SMALL_SPLITS if small else dict(train=5717, val=5823, segmentation_val=1449)
+        )
     return c
 
 
@@ -88,6 +99,8 @@ def teacher_matching_config(method: str, small: bool) -> ml_collections.ConfigDi
     c.sswa_drop = 0.3  # fraction of teacher channels dropped (the reference's README)
     c.temperature = 4.0  # KD only
     c.alpha = 0.9  # KD only
+    # KD only: the reference's log(p + 1e-7) of the student's probabilities; 0.0 = exact log-sigmoid.
+    c.kd_log_eps = 1e-7
     return c
 
 
@@ -99,11 +112,16 @@ def set_recipe(
     momentum: float,
     lr_decay_epochs: tuple[int, ...] = (),
     batch_size: int = 64,
+    best_metric: str = "mAP",
 ) -> None:
     """Sets a training recipe (SPEC section 6) on ``c``: SGD with weight decay 1e-4 (torch-style), a
     piecewise-constant learning rate multiplied by ``lr_decay_factor`` at each of ``lr_decay_epochs``
-    (none: constant), a global ``batch_size`` over all devices, and the logging and checkpoint cadence."""
+    (none: constant), a global ``batch_size`` over all devices, the logging and checkpoint cadence, and
+    ``best_metric``, the val metric that picks the best checkpoint: ``mAP`` (VOC mAP, sklearn's AP),
+    ``mAP_devkit`` (VOC mAP, the devkit's AP) or ``per_image_AP`` (the reference's criterion, the paper's
+    "mAP"; ``configs/paper.py`` uses it on VOC)."""
     c.batch_size = batch_size
+    c.best_metric = best_metric
     c.num_epochs = num_epochs
     c.optimizer = ml_collections.ConfigDict(
         dict(name="sgd", learning_rate=learning_rate, momentum=momentum, weight_decay=1e-4, nesterov=False)
@@ -130,6 +148,7 @@ def pruning_config(task: str, a: ml_collections.ConfigDict) -> ml_collections.Co
     c.dropout_rate = 0.5
     c.precision = "bfloat16" if a.bf16 else "float32"
     c.init_from = ""  # unused: the weights come from the teacher
+    c.model_init = "pytorch_default"  # unused: the weights come from the teacher
     c.distill = teacher_matching_config(a.method, small=a.small)
     c.prune = ml_collections.ConfigDict()
     return c

@@ -32,8 +32,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = a.model or ("vgg16/4" if a.small else "vgg16")
     c.dropout_rate = 0.5
     c.precision = "bfloat16" if a.bf16 else "float32"  # computation; parameters stay float32
-    # A torchvision vgg16_bn state dict (.pth needs torch, or .npz of the same keys); '' = from scratch.
+    # A torchvision vgg16_bn state dict (.pth, read without torch, or .npz of the same keys): the paper's
+    # teacher starts from ImageNet weights, so a VOC teacher without it is refused unless from_scratch.
     c.init_from = ""
+    c.from_scratch = False  # VOC: train the teacher from scratch on purpose (not the paper's setting)
+    # The reference's init of what init_from does not cover (its new head; everything when from scratch):
+    # torch's default layer init; "torchvision" is torchvision's kaiming-normal VGG init.
+    c.model_init = "pytorch_default"
 
     set_recipe(c, num_epochs=60, learning_rate=0.1, momentum=0.9, lr_decay_epochs=(10, 30, 40))
 

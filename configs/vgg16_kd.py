@@ -41,6 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dropout_rate = 0.5
     c.precision = "bfloat16" if a.bf16 else "float32"
     c.init_from = ""  # students start from scratch
+    c.model_init = "pytorch_default"  # the reference's (torch's default layer init); or "torchvision"
 
     c.distill = teacher_matching_config(a.method, small=a.small)
 

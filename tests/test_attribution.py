@@ -322,6 +322,21 @@ def test_kd_loss_matches_spec_formula():
     np.testing.assert_allclose(np.asarray(g_kd), np.asarray(g_bce), rtol=1e-4, atol=1e-8)
 
 
+def test_kd_loss_with_the_references_epsilon():
+    """The reference's KL takes log(q + 1e-7) of the student's two-way probabilities q (SPEC section 7)."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(4)
+        s, t = rng.normal(0, 3, (6, 20)), rng.normal(0, 3, (6, 20))
+        y = (rng.random((6, 20)) > 0.7).astype(np.float64)
+        p_t, p_s = _np_sigmoid(t / 4.0), _np_sigmoid(s / 4.0)
+        kl = p_t * (np.log(p_t) - np.log(p_s + 1e-7)) + (1 - p_t) * (np.log(1 - p_t) - np.log(1 - p_s + 1e-7))
+        _, parts = kd_loss(jnp.asarray(s), jnp.asarray(t), jnp.asarray(y), 4.0, 0.9, log_eps=1e-7)
+        np.testing.assert_allclose(float(parts["kd"]), 16.0 * kl.mean(), rtol=1e-12)
+        _, exact = kd_loss(jnp.asarray(s), jnp.asarray(t), jnp.asarray(y), 4.0, 0.9)
+        gap = abs(float(parts["kd"]) - float(exact["kd"]))
+        assert 0 < gap < 1e-4  # the two differ, by about 1e-6 here
+
+
 # --- 7. Matching loss by hand --------------------------------------------------------------------------
 
 

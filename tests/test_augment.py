@@ -228,7 +228,7 @@ def test_crop_resize_matches_float64_reference(box, out_size, flip):
     boxes = jnp.asarray([box, (0, 0, 30, 45)], jnp.int32)
     sizes = jnp.asarray([size, size], jnp.int32)
     flips = jnp.asarray([flip, False])
-    got = _crop_resize(images, boxes, sizes, out_size, flips)
+    got = _crop_resize(images, boxes, sizes, jnp.full((2, 2), 16, jnp.int32), out_size, flips)
     assert got.shape == (2, out_size, out_size, 3) and got.dtype == jnp.float32
     expected = _ref_crop_resize(image, box, size, out_size, flip)
     np.testing.assert_allclose(np.asarray(got[0]), expected, atol=1e-3, rtol=0)
@@ -247,6 +247,7 @@ def test_crop_resize_matches_pil_box_resize(box, out_size, flip):
         jnp.asarray(image[None]),
         jnp.asarray([box]),
         jnp.asarray([size]),
+        jnp.asarray([(16, 16)]),
         out_size,
         jnp.asarray([flip]),
     )
@@ -268,14 +269,15 @@ def test_identity_box_is_exact_and_flip_reverses_columns():
     images = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     sizes = jnp.asarray([(333, 500), (16, 16), (7, 1000)], jnp.int32)
     boxes = jnp.concatenate([jnp.zeros((3, 2), jnp.int32), sizes], axis=1)
-    plain = _crop_resize(jnp.asarray(images), boxes, sizes, 16)
+    full = jnp.full((3, 2), 16, jnp.int32)
+    plain = _crop_resize(jnp.asarray(images), boxes, sizes, full, 16)
     np.testing.assert_allclose(np.asarray(plain), images.astype(np.float32), atol=1e-4, rtol=0)
-    flipped = _crop_resize(jnp.asarray(images), boxes, sizes, 16, jnp.ones(3, bool))
+    flipped = _crop_resize(jnp.asarray(images), boxes, sizes, full, 16, jnp.ones(3, bool))
     np.testing.assert_allclose(np.asarray(flipped), images[:, :, ::-1].astype(np.float32), atol=1e-4, rtol=0)
     # And a flip of any box is the exact column reversal of the unflipped result.
     boxes = jnp.asarray([(10, 20, 100, 300), (1, 2, 9, 5), (0, 100, 7, 30)], jnp.int32)
-    a = _crop_resize(jnp.asarray(images), boxes, sizes, 12)
-    b = _crop_resize(jnp.asarray(images), boxes, sizes, 12, jnp.asarray([True, False, True]))
+    a = _crop_resize(jnp.asarray(images), boxes, sizes, full, 12)
+    b = _crop_resize(jnp.asarray(images), boxes, sizes, full, 12, jnp.asarray([True, False, True]))
     np.testing.assert_array_equal(np.asarray(b[0]), np.asarray(a[0])[:, ::-1])
     np.testing.assert_array_equal(np.asarray(b[1]), np.asarray(a[1]))
     np.testing.assert_array_equal(np.asarray(b[2]), np.asarray(a[2])[:, ::-1])
@@ -285,10 +287,88 @@ def test_crop_resize_range_on_extreme_images():
     images = jnp.asarray(np.stack([np.zeros((8, 8, 3)), np.full((8, 8, 3), 255)]), jnp.uint8)
     sizes = jnp.asarray([(20, 30), (20, 30)], jnp.int32)
     boxes = jnp.asarray([(3, 4, 10, 7), (0, 0, 20, 30)], jnp.int32)
-    out = np.asarray(_crop_resize(images, boxes, sizes, 13))
+    out = np.asarray(_crop_resize(images, boxes, sizes, jnp.full((2, 2), 8, jnp.int32), 13))
     np.testing.assert_array_equal(out[0], 0.0)
     np.testing.assert_allclose(out[1], 255.0, atol=1e-4)
     assert out.max() <= 255.0
+
+
+# ---------------------------------------------------------------------------------------------
+# 3b. The default layout: images at their original resolution in padded slots, resized ONCE.
+# Expectations are PIL's resize of the ORIGINAL image; the slot padding holds garbage that must never
+# reach an output.
+# ---------------------------------------------------------------------------------------------
+
+ORIGINALS = [(37, 53), (53, 29), (21, 21)]  # (H, W): odd sides, so NEAREST never meets a tie below
+SLOT = 60
+GARBAGE = 99  # mask padding value, absent from the original masks
+
+
+def _padded(rng, values, channels=(3,), garbage=None):
+    """Originals of ORIGINALS' sizes drawn from ``values``, and their (B, SLOT, SLOT, ...) slots whose
+    padding is random (or ``garbage``)."""
+    originals = [rng.choice(values, (h, w, *channels)).astype(np.uint8) for h, w in ORIGINALS]
+    shape = (len(ORIGINALS), SLOT, SLOT, *channels)
+    slots = (
+        rng.integers(0, 256, shape, dtype=np.uint8) if garbage is None else np.full(shape, garbage, np.uint8)
+    )
+    for i, o in enumerate(originals):
+        slots[i, : o.shape[0], : o.shape[1]] = o
+    return originals, slots
+
+
+def _pil_bilinear(original, out_size, box=None):
+    """PIL's antialiased BILINEAR resize of each channel of ``original`` (float 'F' images: no rounding)."""
+    import PIL.Image
+
+    channels = [
+        PIL.Image.fromarray(original[..., c].astype(np.float32)).resize(
+            (out_size, out_size), PIL.Image.Resampling.BILINEAR, box=box
+        )
+        for c in range(original.shape[2])
+    ]
+    return np.stack([np.asarray(c, np.float64) for c in channels], axis=-1)
+
+
+@pytest.mark.parametrize("out_size,flip", [(9, False), (9, True), (24, False)])
+def test_original_resolution_crop_is_pil_resize_of_the_original(out_size, flip):
+    rng = np.random.default_rng(4)
+    originals, slots = _padded(rng, np.arange(256))
+    # Boxes touching the bottom / right edges, where a downscaling filter reaches past the image into
+    # the padding; (top, left, h, w) in original pixels.
+    boxes = [(10, 20, 27, 33), (0, 0, 53, 29), (15, 15, 6, 6)]
+    sizes = jnp.asarray(ORIGINALS, jnp.int32)
+    flips = jnp.full((3,), flip)
+    got = np.asarray(_crop_resize(jnp.asarray(slots), jnp.asarray(boxes), sizes, sizes, out_size, flips))
+    for i, (top, left, h, w) in enumerate(boxes):
+        expected = _pil_bilinear(originals[i], out_size, box=(left, top, left + w, top + h))
+        expected = expected[:, ::-1] if flip else expected
+        np.testing.assert_allclose(got[i], expected, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("out_size", [8, 24, 64])
+def test_original_resolution_eval_image_is_pil_resize_of_the_original(out_size):
+    rng = np.random.default_rng(5)
+    originals, slots = _padded(rng, np.arange(256))
+    got = np.asarray(_eval(jnp.asarray(slots), jnp.asarray(ORIGINALS), out_size=out_size))
+    for i, original in enumerate(originals):
+        expected = (_pil_bilinear(original, out_size) / 255.0 - MEAN) / STD
+        np.testing.assert_allclose(got[i], expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("out_size", [8, 24, 64])
+def test_original_resolution_masks_are_pil_nearest_of_the_original(out_size):
+    import PIL.Image
+
+    rng = np.random.default_rng(6)
+    originals, slots = _padded(rng, np.array([0, 1, 7, 20, 255]), channels=(), garbage=GARBAGE)
+    got = np.asarray(augment.resize_masks_nearest(jnp.asarray(slots), jnp.asarray(ORIGINALS), out_size))
+    assert got.shape == (3, out_size, out_size) and got.dtype == np.uint8 and GARBAGE not in got
+    for i, original in enumerate(originals):
+        # Odd sides and an even output: (i + 0.5) * H / out is never an integer, so PIL's float stepping
+        # and the exact rule agree everywhere.
+        expected = PIL.Image.fromarray(original).resize((out_size, out_size), PIL.Image.Resampling.NEAREST)
+        np.testing.assert_array_equal(got[i], np.asarray(expected))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,10 +380,11 @@ STD = np.array(augment.STD)
 
 
 def _batch(b=4, s=32, seed=0):
+    """A squashed cache's batch: (images, original sizes, extents = the full slots)."""
     rng = np.random.default_rng(seed)
     images = jnp.asarray(rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8))
     sizes = jnp.asarray(np.stack([rng.integers(20, 500, b), rng.integers(20, 500, b)], 1), jnp.int32)
-    return images, sizes
+    return images, sizes, jnp.full((b, 2), s, jnp.int32)
 
 
 def test_normalize_values():
@@ -319,25 +400,25 @@ def test_normalize_values():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_train_augment_batch(dtype):
-    images, sizes = _batch()
-    out = _train(jax.random.key(0), images, sizes, out_size=24, dtype=dtype)
+    images, sizes, extents = _batch()
+    out = _train(jax.random.key(0), images, sizes, extents, out_size=24, dtype=dtype)
     assert out.shape == (4, 24, 24, 3) and out.dtype == dtype
     vals = np.asarray(out.astype(jnp.float32))
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     assert np.all(vals >= (-MEAN / STD) - tol) and np.all(vals <= (1 - MEAN) / STD + tol)
-    again = _train(jax.random.key(0), images, sizes, out_size=24, dtype=dtype)
+    again = _train(jax.random.key(0), images, sizes, extents, out_size=24, dtype=dtype)
     np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)), np.asarray(again.astype(jnp.float32)))
-    other = _train(jax.random.key(1), images, sizes, out_size=24, dtype=dtype)
+    other = _train(jax.random.key(1), images, sizes, extents, out_size=24, dtype=dtype)
     assert not np.array_equal(np.asarray(out.astype(jnp.float32)), np.asarray(other.astype(jnp.float32)))
 
 
 def test_train_augment_is_crop_resize_of_sampled_boxes_and_flips_half():
-    images, sizes = _batch(b=128, s=16)
+    images, sizes, extents = _batch(b=128, s=16)
     key = jax.random.key(5)
-    out = np.asarray(_train(key, images, sizes, out_size=8))
+    out = np.asarray(_train(key, images, sizes, extents, out_size=8))
     k_box, _ = jax.random.split(key)
     boxes = _sample_boxes(k_box, sizes)
-    plain = np.asarray(_normalize(_crop_resize(images, boxes, sizes, 8)))
+    plain = np.asarray(_normalize(_crop_resize(images, boxes, sizes, extents, 8)))
     is_plain = np.array([np.allclose(o, p, atol=1e-5) for o, p in zip(out, plain, strict=True)])
     is_flip = np.array([np.allclose(o, p[:, ::-1], atol=1e-5) for o, p in zip(out, plain, strict=True)])
     assert np.all(is_plain | is_flip)
@@ -346,18 +427,18 @@ def test_train_augment_is_crop_resize_of_sampled_boxes_and_flips_half():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_eval_preprocess(dtype):
-    images, _ = _batch(b=3, s=20)
-    out = _eval(images, out_size=12, dtype=dtype)
+    images, _, extents = _batch(b=3, s=20)
+    out = _eval(images, extents, out_size=12, dtype=dtype)
     assert out.shape == (3, 12, 12, 3) and out.dtype == dtype
     full = jnp.asarray([[0, 0, 20, 20]] * 3, jnp.int32)
     sizes = jnp.asarray([[20, 20]] * 3, jnp.int32)
-    expected = _normalize(_crop_resize(images, full, sizes, 12)).astype(dtype)
+    expected = _normalize(_crop_resize(images, full, sizes, sizes, 12)).astype(dtype)
     np.testing.assert_allclose(
         np.asarray(out.astype(jnp.float32)),
         np.asarray(expected.astype(jnp.float32)),
         atol=1e-5 if dtype == jnp.float32 else 1e-2,
     )
-    ident = _eval(images, out_size=20)
+    ident = _eval(images, extents, out_size=20)
     np.testing.assert_allclose(np.asarray(ident), np.asarray(augment.normalize(images)), atol=1e-5)
 
 
@@ -369,7 +450,7 @@ def test_resize_masks_nearest(out_size, trailing_channel):
     masks = palette[rng.integers(0, 4, (2, 16, 16))]
     masks[:, :4, :4] = 255
     arg = masks[..., None] if trailing_channel else masks
-    out = augment.resize_masks_nearest(jnp.asarray(arg), out_size)
+    out = augment.resize_masks_nearest(jnp.asarray(arg), jnp.full((2, 2), 16), out_size)
     assert out.shape == (2, out_size, out_size) and out.dtype == jnp.uint8
     out = np.asarray(out)
     assert set(np.unique(out).tolist()) <= set(np.unique(masks).tolist())
@@ -394,30 +475,32 @@ def test_resize_masks_nearest(out_size, trailing_channel):
 def test_jit_traces_once():
     traces = []
 
-    def counted(key, images, sizes, out_size, dtype=jnp.float32):
+    def counted(key, images, sizes, extents, out_size, dtype=jnp.float32):
         traces.append(out_size)
-        return augment.train_augment(key, images, sizes, out_size, dtype)
+        return augment.train_augment(key, images, sizes, extents, out_size, dtype)
 
-    images, sizes = _batch(b=2, s=16)
+    images, sizes, extents = _batch(b=2, s=16)
     fn = jax.jit(counted, static_argnames=("out_size", "dtype"))
-    a = fn(jax.random.key(0), images, sizes, out_size=10)
-    b = fn(jax.random.key(1), images, sizes, out_size=10)
+    a = fn(jax.random.key(0), images, sizes, extents, out_size=10)
+    # Other sizes and extents (data, not shapes) reuse the trace too.
+    fn(jax.random.key(0), images, sizes // 2 + 1, extents - 3, out_size=10)
+    b = fn(jax.random.key(1), images, sizes, extents, out_size=10)
     assert len(traces) == 1
     assert not np.array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_allclose(
         np.asarray(a),
-        np.asarray(_train(jax.random.key(0), images, sizes, out_size=10)),
+        np.asarray(_train(jax.random.key(0), images, sizes, extents, out_size=10)),
         atol=1e-5,
     )
 
     # The same through a plain jax.jit of train_augment (its compilation cache is shared with the
     # other jitted wrappers of the function, so count the entries added by the second key).
     direct = jax.jit(augment.train_augment, static_argnames=("out_size", "dtype"))
-    direct(jax.random.key(0), images, sizes, out_size=10)
+    direct(jax.random.key(0), images, sizes, extents, out_size=10)
     if hasattr(direct, "_cache_size"):
         entries = direct._cache_size()
-        direct(jax.random.key(1), images, sizes, out_size=10)
+        direct(jax.random.key(1), images, sizes, extents, out_size=10)
         assert direct._cache_size() == entries
     masks = jnp.zeros((2, 16, 16), jnp.uint8)
-    out = jax.jit(augment.resize_masks_nearest, static_argnames=("out_size",))(masks, out_size=8)
+    out = jax.jit(augment.resize_masks_nearest, static_argnames=("out_size",))(masks, extents, out_size=8)
     assert out.shape == (2, 8, 8)

@@ -21,6 +21,7 @@ def tiny_sweep(tmp_path):
     c.students, c.kd_methods = ("x2",), ("kd",)  # (matching steps are tested in test_distill.py)
     c.kd.batch_size, c.kd.num_epochs, c.kd.lr_decay_epochs, c.kd.log_every_steps = 16, 1, (1,), 2
     c.kd.distill.taps = ("conv4_3",)
+    c.kd.best_metric = "per_image_AP"  # the reference's criterion (the teacher keeps VOC mAP)
     c.figure_images = 2
     return c
 
@@ -54,11 +55,18 @@ def test_tiny_sweep_reports_its_stages_numbers_and_skips_finished_stages(tmp_pat
         best = next(v for k, v in final["rows"].items() if k.startswith("val, best"))
         # The eval stage re-evaluates the best checkpoint: the training stage's own JSON holds the same mAP.
         assert run["val"]["mAP"] == pytest.approx(best["mAP"], abs=1e-6)
-        assert cell(md, first, "mAP") == f"{100 * best['mAP']:.2f}"
-        assert cell(md, first, "F1") == report.fmt("F1", run["val"]["F1"])
-        assert cell(md, first, "AUC") == f"{100 * run['methods']['gradcam']['AUC']:.2f}"
-        assert cell(md, first, "Point") == f"{100 * run['methods']['gradcam']['Point']:.2f}"
-        assert cell(md, first, "#Param") == report.fmt_params(run["params_nonzero"])
+        assert cell(md, first, "VOC mAP") == f"{100 * best['mAP']:.2f}"
+        assert cell(md, first, "per-image AP (paper's mAP)") == f"{100 * best['per_image_AP']:.2f}"
+        assert cell(md, first, "F1 (p > 0.5)") == report.fmt("F1", run["val"]["F1"])
+        assert cell(md, first, "F1 (logit >= 0.5, paper's F1)") == f"{100 * run['val']['F1_logit0.5']:.2f}"
+        assert cell(md, first, "AUC") == report.fmt("AUC", run["methods"]["gradcam"]["AUC"])
+        assert cell(md, first, "Point") == report.fmt("Point", run["methods"]["gradcam"]["Point"])
+        assert cell(md, first, report.PARAMS_ALL) == report.fmt_params(run["params_nonzero"])
+        # The checkpoints table names the criterion that chose each run's checkpoint, and its value.
+        metric = "mAP" if name == "teacher" else "per_image_AP"
+        assert run["checkpoint"]["best_metric"] == metric
+        assert cell(md, [name, str(run["step"])], "chosen by") == f"best val {metric}"
+        assert cell(md, [name, str(run["step"])], "its val value") == f"{100 * best[metric]:.2f}"
     student = ev["runs"]["kd_x2_kd"]["methods"]["gradcam"]
     assert cell(md, ["x2", "KD"], "Cos") == report.fmt("Cos", student["Cos"])
     assert cell(md, ["x2", "KD"], "l2") == report.fmt("l2", student["l2"])
@@ -97,3 +105,64 @@ def test_paper_variant_plans_every_table(tmp_path):
     kd = next(s for s in experiment.plan(c, tmp_path) if s.name == "kd_x8_sswa").config
     assert kd.model == experiment.student_model("vgg16", "x8") and kd.data.dataset == "voc"
     assert kd.distill.beta == 100.0 and kd.num_epochs == 350
+    # The reference's criterion picks every stage's best checkpoint in the paper's sweep; the demo keeps
+    # VOC mAP.
+    assert {s.config.best_metric for s in experiment.plan(c, tmp_path) if s.config} == {"per_image_AP"}
+    demo = paper.get_config("demo")
+    assert {s.config.best_metric for s in experiment.plan(demo, tmp_path) if s.config} == {"mAP"}
+    # The paper's teacher starts from ImageNet weights: the sweep refuses to plan a scratch VOC teacher.
+    with pytest.raises(ValueError, match="stage teacher: .*--config.teacher.init_from"):
+        experiment.validate_sweep(c, experiment.plan(c, tmp_path))
+    c.teacher.init_from = "vgg16_bn.pth"
+    experiment.validate_sweep(c, experiment.plan(c, tmp_path))
+
+
+def test_voc_tables_put_each_paper_number_beside_the_same_quantity(tmp_path):
+    c = paper.get_config()
+    stages = experiment.plan(c, tmp_path)
+    val = {"mAP": 0.801, "mAP_devkit": 0.812, "per_image_AP": 0.823, "F1": 0.634, "F1_logit0.5": 0.605}
+    gradcam = {"AUC": 0.85, "Point": 0.75, "Cos": 0.8, "l2": 12.5}
+
+    def run(params_nonzero, params_conv_bn):
+        return {
+            "val": val,
+            "methods": {"gradcam": gradcam},
+            "params_nonzero": params_nonzero,
+            "params_conv_bn": params_conv_bn,
+            "step": 10,
+            "checkpoint": {"checkpoint": "best", "best_metric": "per_image_AP", "best_value": 0.823},
+        }
+
+    names = ["teacher", "kd_x8_kd", "kd_x8_sswa", "prune_u_naive", "prune_s_naive"]
+    counts = {
+        "teacher": (15_224_916, 14_723_136),
+        "kd_x8_kd": (294_364, 233_644),
+        "kd_x8_sswa": (294_364, 233_644),
+        "prune_u_naive": (928_515, 530_250),  # SPEC section 6: with the head, and the paper's count
+        "prune_s_naive": (3_269_153, 3_000_000),
+    }
+    ev = {"run_order": names, "runs": {n: run(*counts[n]) for n in names}}
+    md = "\n".join(report.tables(c, stages, {"eval": ev, "eval_methods": None}, voc=True))
+
+    # Table 2: the paper's mAP (80.86) beside the per-image AP, its F1 (61.43) beside F1 at logit >= 0.5;
+    # VOC mAP and F1 at probability 0.5 stand alone.
+    row = ["x8", "SSWA"]
+    assert cell(md, row, "per-image AP (paper's mAP)") == "82.30 (80.86)"
+    assert cell(md, row, "F1 (logit >= 0.5, paper's F1)") == "60.50 (61.43)"
+    assert cell(md, row, "VOC mAP") == "80.10" and cell(md, row, "F1 (p > 0.5)") == "63.40"
+    assert cell(md, row, "AUC") == "85.00 (88.06)" and cell(md, row, "l2") == "12.50 (19.49)"
+    assert cell(md, row, report.PARAMS_ALL) == "0.29M (0.29M)"
+    assert cell(md, ["teacher", "-"], "per-image AP (paper's mAP)") == "82.30 (91.83)"
+    # Table 1: the paper's 0.53M counts non-zero conv weights, conv biases and BN without the head: it stands
+    # in that column; its other counts (all parameters) in the other.
+    assert cell(md, ["Unstructured pruning"], report.PARAMS_CONV_BN) == "0.53M (0.53M)"
+    assert cell(md, ["Unstructured pruning"], report.PARAMS_ALL) == "0.93M"
+    assert cell(md, ["Full (teacher)"], report.PARAMS_ALL) == "15.22M (15.22M)"
+    assert cell(md, ["Structured pruning"], report.PARAMS_ALL) == "3.27M (3.27M)"
+    assert cell(md, ["Structured pruning"], report.PARAMS_CONV_BN) == "3.00M"
+    # Tables 4-5 (the first "Naive" row) and 6-7.
+    assert cell(md, ["Naive"], report.PARAMS_CONV_BN) == "0.53M (0.53M)"
+    assert cell(md, ["Naive"], "per-image AP (paper's mAP)") == "82.30 (87.42)"
+    assert cell(md, ["Naive"], "Cos") == "0.800 (0.790)"
+    assert md.count("| Naive | 3.27M (3.27M) |") == 1
+    assert cell(md, ["prune_s_naive", "10"], "chosen by") == "best val per_image_AP"

@@ -122,25 +122,44 @@ def test_pointing_game_tolerance():
         loc.pointing_game(m, target, tolerance=-1)
 
 
-def test_pooled_variant_turns_miss_into_hit():
-    # Image 0 holds class 1 (label 0) top-left and class 2 (label 1) bottom-right, plus void.
-    mask = np.zeros((1, 8, 8), np.uint8)
-    mask[0, :3, :3] = 1
-    mask[0, 5:, 5:] = 2
-    mask[0, 3, :] = 255
-    pairs = np.array([[0, 0]])
-    own = loc.class_targets(mask, pairs)
-    pooled = loc.pooled_targets(mask, pairs)
-    np.testing.assert_array_equal(own[0], mask[0] == 1)
-    np.testing.assert_array_equal(pooled[0], (mask[0] == 1) | (mask[0] == 2))
-    assert not pooled[0, 3].any()  # void is not a class
-    np.testing.assert_array_equal(loc.pooled_targets(mask, pairs, num_classes=1)[0], mask[0] == 1)
-    m = _one_hot_map(8, 8, 6, 6)[None]  # arg-max on the OTHER class's object
-    assert not loc.pointing_game(m, own)[0][0]
-    assert loc.pointing_game(m, pooled)[0][0]
-    # Arg-max on void: a miss in both variants.
-    m_void = _one_hot_map(8, 8, 3, 4)[None]
-    assert not loc.pointing_game(m_void, own)[0][0] and not loc.pointing_game(m_void, pooled)[0][0]
+def test_reference_cumulative_target_on_classes_2_5_9():
+    # Image 0's mask holds the values 2, 5 and 9 (class indices 1, 4 and 8), void and background; image 1
+    # holds only value 5. The reference, looping over the present classes in index order, has accepted the
+    # pixels of every present class up to the current one: for class index 1 the value-2 pixels; for 4
+    # the values 2 and 5; for 8 the values 2, 5 and 9, whether 4 was predicted or not.
+    masks = np.zeros((2, 8, 8), np.uint8)
+    masks[0, :2, :2] = 2
+    masks[0, 3:5, 3:5] = 5
+    masks[0, 6:, 6:] = 9
+    masks[0, 7, :3] = 255
+    masks[1, 2:6, 2:6] = 5
+    logits = np.full((2, 10), -1.0)
+    logits[0, [1, 8, 6]] = 1.0  # class 4 present, not predicted; class 6 predicted, absent
+    logits[1, 4] = 1.0
+    pairs = loc.localization_pairs(masks, logits)
+    np.testing.assert_array_equal(pairs, [[0, 1], [0, 8], [1, 4]])
+    got = loc.reference_cumulative_targets(masks, pairs)
+    np.testing.assert_array_equal(got[0], masks[0] == 2)
+    np.testing.assert_array_equal(got[1], (masks[0] == 2) | (masks[0] == 5) | (masks[0] == 9))
+    np.testing.assert_array_equal(got[2], masks[1] == 5)
+    # The pair (0, 4) itself (were class 4 predicted): values 2 and 5.
+    np.testing.assert_array_equal(
+        loc.reference_cumulative_targets(masks, [[0, 4]])[0], (masks[0] == 2) | (masks[0] == 5)
+    )
+    assert not got[1][masks[0] == 255].any() and not got[1][masks[0] == 0].any()  # void, background
+
+    # Maps that peak on the value-5 object: class 8's is a miss for its own mask and a hit for the
+    # reference's; class 1's is a miss in both (5 comes after class 1); image 1's is a hit in both.
+    maps = np.zeros((3, 8, 8), np.float32)
+    maps[0, 4, 4] = maps[1, 3, 3] = maps[2, 3, 3] = 1.0
+    hits_own, _ = loc.pointing_game(maps, loc.class_targets(masks, pairs))
+    hits_ref, _ = loc.pointing_game(maps, got)
+    np.testing.assert_array_equal(hits_own, [False, False, True])
+    np.testing.assert_array_equal(hits_ref, [False, True, True])
+    # A peak on void is a miss in both.
+    on_void = np.zeros((1, 8, 8), np.float32)
+    on_void[0, 7, 1] = 1.0
+    assert not loc.pointing_game(on_void, got[1:2])[0][0]
 
 
 def test_localization_pairs():
@@ -209,15 +228,15 @@ def test_localization_summary():
     pairs = loc.localization_pairs(masks, logits)
     np.testing.assert_array_equal(pairs, [[0, 0], [0, 1], [1, 0]])
     maps = np.zeros((3, 6, 6), np.float32)
-    maps[0, 5, 5] = 1.0  # class 1's map peaks on class 2: miss, pooled hit
-    maps[1, 5, 5] = 1.0  # class 2's map on class 2: hit
+    maps[0, 0, 0] = 1.0  # class index 0's map on its own object: a hit in both
+    maps[1, 0, 0] = 1.0  # class index 1's map on class 0's object: a miss, a hit for the reference (0 <= 1)
     # maps[2] stays all zero: constant, miss, AUC 0.5
     out = loc.localization_summary(maps, masks, pairs)
     want_auc = _sk_auc(maps, loc.class_targets(masks, pairs)).mean()
     assert out["AUC"] == pytest.approx(want_auc)
     assert out["auc_pairs"] == 3 and out["pairs"] == 3 and out["constant_maps"] == 1
     assert out["Point"] == pytest.approx(1 / 3)
-    assert out["Point_pooled"] == pytest.approx(2 / 3)
+    assert out["Point_ref_cumulative"] == pytest.approx(2 / 3)
     empty = loc.localization_summary(np.zeros((0, 6, 6)), masks, np.zeros((0, 2), int))
     assert empty["pairs"] == 0 and np.isnan(empty["AUC"]) and np.isnan(empty["Point"])
     with pytest.raises(ValueError):

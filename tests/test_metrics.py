@@ -46,6 +46,71 @@ def _sk_f1(logits, labels, threshold=0.0):
         return float(f1_score(labels, logits > threshold, average="samples"))
 
 
+def _devkit_ap(scores, targets):
+    """The VOC devkit's VOCevalcls + VOCap (VOC2010+), step by step: stable sort by decreasing score,
+    precision and recall after each item, sentinels (0, 0) and (1, 0), the precision made monotone from
+    the right, then the sum over the points where recall changes."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])  # Python's sort is stable, like MATLAB's
+    tp = fp = 0
+    rec, prec = [], []
+    for i in order:
+        tp += targets[i] == 1
+        fp += targets[i] != 1
+        rec.append(tp / sum(t == 1 for t in targets))
+        prec.append(tp / (tp + fp))
+    mrec = [0.0, *rec, 1.0]
+    mpre = [0.0, *prec, 0.0]
+    for i in range(len(mpre) - 2, -1, -1):
+        mpre[i] = max(mpre[i], mpre[i + 1])
+    return sum((mrec[i] - mrec[i - 1]) * mpre[i] for i in range(1, len(mrec)) if mrec[i] != mrec[i - 1])
+
+
+def _devkit_voc_map(logits, labels):
+    aps = [
+        _devkit_ap(logits[:, j].tolist(), labels[:, j].tolist())
+        for j in range(labels.shape[1])
+        if labels[:, j].any()
+    ]
+    return float(np.mean(aps))
+
+
+def test_devkit_ap_hand_example():
+    # Ranked: pos, neg, neg, pos, pos (P = 3). Precision after each positive: 1, 2/4, 3/5.
+    # Non-interpolated: (1 + 1/2 + 3/5) / 3 = 0.7. The envelope at recall 2/3 is max(1/2, 3/5) = 3/5:
+    # devkit AP = (1 + 3/5 + 3/5) / 3 = 11/15.
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
+    targets = np.array([1, 0, 0, 1, 1])
+    assert metrics.average_precision(scores, targets) == pytest.approx(0.7, abs=1e-12)
+    assert metrics.average_precision(scores, targets, devkit=True) == pytest.approx(11 / 15, abs=1e-12)
+    # With a tie group (0.9 pos | 0.5, 0.5, 0.5: pos, neg, pos | 0.1 pos): precisions at the thresholds
+    # 1, 3/4, 4/5; the envelope at recall 3/4 is 4/5: AP = 1/4 * 1 + 2/4 * 4/5 + 1/4 * 4/5 = 0.85.
+    scores = np.array([0.5, 0.1, 0.9, 0.5, 0.5])
+    targets = np.array([1, 1, 1, 0, 1])
+    assert metrics.average_precision(scores, targets, devkit=True) == pytest.approx(0.85, abs=1e-12)
+
+
+def test_devkit_voc_map_matches_the_devkit_steps():
+    logits, labels = _random_problem(5, n=120)  # continuous scores: no ties, where the devkit is exact
+    m_dev, per_dev = metrics.voc_map(logits, labels, devkit=True)
+    m_sk, per_sk = metrics.voc_map(logits, labels)
+    assert m_dev == pytest.approx(_devkit_voc_map(logits, labels), abs=1e-12)
+    np.testing.assert_array_equal(np.isnan(per_dev), np.isnan(per_sk))
+    ok = ~np.isnan(per_sk)
+    assert (per_dev[ok] >= per_sk[ok] - 1e-12).all() and m_dev > m_sk  # the envelope only raises precision
+
+
+def test_f1_at_logit_half_hand_example():
+    logits = np.array([[0.5, 0.4, -1.0], [0.7, 0.6, 0.2]])
+    labels = np.array([[1, 1, 0], [0, 1, 1]])
+    # logit >= 0.5 (0.5 itself counts, as in the reference's `output >= 0.5`): row 0 predicts {0} of {0, 1}:
+    # F1 = 2 * 1 / (1 + 2) = 2/3; row 1 predicts {0, 1} of {1, 2}: 2 * 1 / (2 + 2) = 1/2. Mean 7/12.
+    out = metrics.classification_metrics(logits, labels)
+    assert out["F1_logit0.5"] == pytest.approx(7 / 12, abs=1e-12)
+    # Probability 0.5 (logit > 0): row 0 predicts {0, 1}: F1 = 1; row 1 predicts all three: 4/5. Mean 0.9.
+    assert out["F1"] == pytest.approx(0.9, abs=1e-12)
+    assert metrics.sample_f1(logits, labels, 0.5) == pytest.approx(0.5 * (0.0 + 0.5), abs=1e-12)
+
+
 def test_average_precision_hand_example():
     ap = metrics.average_precision(np.array([0.9, 0.8, 0.7, 0.6]), np.array([1, 0, 1, 0]))
     assert ap == pytest.approx(0.5 * (1.0 + 2.0 / 3.0), abs=1e-12)
@@ -121,12 +186,19 @@ def test_sample_f1_matches_sklearn(threshold):
 def test_classification_metrics_and_jax_inputs():
     logits, labels = _random_problem(4, decimals=1)
     out = metrics.classification_metrics(jnp.asarray(logits), jnp.asarray(labels))
-    assert set(out) == {"mAP", "per_image_AP", "F1", "skipped_classes"}
+    assert set(out) == {"mAP", "mAP_devkit", "per_image_AP", "F1", "F1_logit0.5", "skipped_classes"}
     assert out["mAP"] == pytest.approx(_sk_voc_map(logits, labels), abs=1e-12)
     assert out["per_image_AP"] == pytest.approx(_sk_per_image(logits, labels), abs=1e-12)
     assert out["F1"] == pytest.approx(_sk_f1(logits, labels), abs=1e-12)
+    # The reference's F1: its own call, f1_score(labels, outputs >= 0.5, average="samples").
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        want = f1_score(labels, logits >= 0.5, average="samples")
+    assert out["F1_logit0.5"] == pytest.approx(want, abs=1e-12)
+    # (Tied scores here: the devkit's own steps would break ties by image order; see the tie-free test.)
+    assert out["mAP_devkit"] >= out["mAP"]
     assert out["skipped_classes"] == 2 and isinstance(out["skipped_classes"], int)
-    for key in ("mAP", "per_image_AP", "F1"):
+    for key in ("mAP", "mAP_devkit", "per_image_AP", "F1", "F1_logit0.5"):
         assert 0.0 <= out[key] <= 1.0
 
 
@@ -134,7 +206,14 @@ def test_perfect_and_empty():
     labels = np.eye(4, dtype=np.int32)
     logits = np.where(labels > 0, 3.0, -3.0)
     out = metrics.classification_metrics(logits, labels)
-    assert out == {"mAP": 1.0, "per_image_AP": 1.0, "F1": 1.0, "skipped_classes": 0}
+    assert out == {
+        "mAP": 1.0,
+        "mAP_devkit": 1.0,
+        "per_image_AP": 1.0,
+        "F1": 1.0,
+        "F1_logit0.5": 1.0,
+        "skipped_classes": 0,
+    }
     m_ap, per_class = metrics.voc_map(logits, np.zeros_like(labels))
     assert np.isnan(m_ap) and np.isnan(per_class).all()
     assert np.isnan(metrics.per_image_ap(logits, np.zeros_like(labels)))

@@ -10,7 +10,7 @@ from PIL import Image
 from apjax.data import cache as cache_lib
 from apjax.data import class_names, load_cached_split, load_split
 from apjax.data.augment import MEAN, STD, train_augment
-from apjax.data.pipeline import TrainBatches, batch_sharding, data_mesh, eval_batches
+from apjax.data.pipeline import TrainBatches, batch_sharding, data_mesh, eval_batches, eval_masks
 from apjax.data.synthetic import SyntheticConfig, generate_example
 
 GEN = SyntheticConfig(num_classes=6, image_size=40, seed=3)
@@ -39,10 +39,25 @@ def test_tfds_round_trip_equals_generator(data_dir):
     assert class_names("synthetic", GEN) == class_names("synthetic", GEN)[:6]
 
 
-def test_cache_holds_resized_images_sizes_and_nearest_masks(data_dir):
+def test_default_cache_holds_the_original_images_and_masks(data_dir):
+    cache = load_cached_split("synthetic", "segmentation_val", data_dir, 0, GEN, SIZES)
+    assert cache.cache_size == 0 and cache.size == 40
+    assert cache.images.shape == (10, 40, 40, 3) and cache.images.dtype == np.uint8
+    assert cache.sizes.tolist() == cache.extents.tolist() == [[40, 40]] * 10
+    for i, image_id in enumerate(cache.image_ids):
+        want = generate_example(GEN, "segmentation_val", int(image_id.split("_")[-1]))
+        np.testing.assert_array_equal(cache.images[i], want["image"])
+        np.testing.assert_array_equal(cache.masks[i], want["mask"])
+        np.testing.assert_array_equal(cache.labels[i], want["labels"])
+    assert load_cached_split("synthetic", "segmentation_val", data_dir, 0, GEN, SIZES).size == 40
+
+
+def test_squashed_cache_holds_resized_images_sizes_and_nearest_masks(data_dir):
+    """The explicit deviation: cache_size = N squashes every image to N x N."""
     cache = load_cached_split("synthetic", "segmentation_val", data_dir, 24, GEN, SIZES)
     assert cache.images.shape == (10, 24, 24, 3) and cache.images.dtype == np.uint8
     assert cache.masks.shape == (10, 24, 24) and cache.sizes.tolist() == [[40, 40]] * 10
+    assert cache.extents.tolist() == [[24, 24]] * 10 and cache.cache_size == 24
     for i, image_id in enumerate(cache.image_ids):
         index = int(image_id.split("_")[-1])
         want = generate_example(GEN, "segmentation_val", index)
@@ -53,6 +68,8 @@ def test_cache_holds_resized_images_sizes_and_nearest_masks(data_dir):
         np.testing.assert_array_equal(cache.masks[i], want["mask"][np.ix_(src, src)])
         np.testing.assert_array_equal(cache.labels[i], want["labels"])
     assert load_cached_split("synthetic", "train", data_dir, 24, GEN, SIZES).masks is not None
+    with pytest.raises(ValueError, match="cache_size must be 0 .* or a positive side N"):
+        load_cached_split("synthetic", "train", data_dir, -1, GEN, SIZES)
 
 
 def test_cache_is_reused_and_never_half_written(data_dir, tmp_path, monkeypatch):
@@ -89,7 +106,7 @@ def test_cache_is_reused_and_never_half_written(data_dir, tmp_path, monkeypatch)
 
 
 def test_train_batches_are_epoch_permutations_addressed_by_step(data_dir):
-    cache = load_cached_split("synthetic", "train", data_dir, 24, GEN, SIZES)
+    cache = load_cached_split("synthetic", "train", data_dir, 0, GEN, SIZES)
     mesh = data_mesh()
     batches = TrainBatches(cache, 8, seed=5, mesh=mesh)
     assert batches.steps_per_epoch == 5
@@ -103,15 +120,16 @@ def test_train_batches_are_epoch_permutations_addressed_by_step(data_dir):
     steps = [s for s, _ in batches.iterate(3, 7)]
     assert steps == [3, 4, 5, 6]
     b = batches.batch(6)
-    assert b["images"].shape == (8, 24, 24, 3) and b["images"].dtype == np.uint8
-    assert b["sizes"].dtype == np.int32 and b["labels"].shape == (8, 6)
+    assert b["images"].shape == (8, 40, 40, 3) and b["images"].dtype == np.uint8
+    assert b["sizes"].dtype == b["extents"].dtype == np.int32 and b["labels"].shape == (8, 6)
+    np.testing.assert_array_equal(np.asarray(b["extents"]), cache.extents[np.sort(batches.indices(6))])
     assert b["images"].sharding == batch_sharding(mesh)
     assert len(b["images"].addressable_shards) == jax.device_count()
     np.testing.assert_array_equal(np.asarray(b["images"]), cache.images[np.sort(batches.indices(6))])
 
 
 def test_batch_size_errors(data_dir):
-    cache = load_cached_split("synthetic", "train", data_dir, 24, GEN, SIZES)
+    cache = load_cached_split("synthetic", "train", data_dir, 0, GEN, SIZES)
     n = jax.device_count()
     with pytest.raises(ValueError, match=f"does not split evenly over {n} devices"):
         TrainBatches(cache, n + 1, seed=0, mesh=data_mesh())
@@ -120,21 +138,56 @@ def test_batch_size_errors(data_dir):
 
 
 def test_eval_batches_cover_the_split_once(data_dir):
-    cache = load_cached_split("synthetic", "segmentation_val", data_dir, 24, GEN, SIZES)
+    cache = load_cached_split("synthetic", "segmentation_val", data_dir, 0, GEN, SIZES)
     seen = []
     for b in eval_batches(cache, 8, data_mesh()):
-        assert b["images"].shape == (8, 24, 24, 3) and b["masks"].shape == (8, 24, 24)
+        assert b["images"].shape == (8, 40, 40, 3) and b["masks"].shape == (8, 40, 40)
+        np.testing.assert_array_equal(np.asarray(b["extents"]), cache.extents[np.asarray(b["index"])])
         seen += np.asarray(b["index"])[np.asarray(b["valid"])].tolist()
     assert seen == list(range(10))
 
 
 def test_batches_augment_on_device(data_dir):
-    cache = load_cached_split("synthetic", "train", data_dir, 24, GEN, SIZES)
+    cache = load_cached_split("synthetic", "train", data_dir, 0, GEN, SIZES)
     b = TrainBatches(cache, 8, seed=0, mesh=data_mesh()).batch(0)
     augment = jax.jit(train_augment, static_argnames=("out_size", "dtype"))
-    x = augment(jax.random.key(0), b["images"], b["sizes"], out_size=20)
+    x = augment(jax.random.key(0), b["images"], b["sizes"], b["extents"], out_size=20)
     assert x.shape == (8, 20, 20, 3) and x.dtype == np.float32
     lo = (0 - np.asarray(MEAN)) / np.asarray(STD)
     hi = (1 - np.asarray(MEAN)) / np.asarray(STD)
     xs = np.asarray(x)
     assert np.all(xs >= lo - 1e-5) and np.all(xs <= hi + 1e-5)
+
+
+def test_eval_masks_are_the_original_masks_resized_once_nearest(data_dir):
+    cache = load_cached_split("synthetic", "segmentation_val", data_dir, 0, GEN, SIZES)
+    masks = eval_masks(cache, 16)
+    assert masks.shape == (10, 16, 16) and masks.dtype == np.uint8
+    for i, image_id in enumerate(cache.image_ids):
+        want = generate_example(GEN, "segmentation_val", int(image_id.split("_")[-1]))["mask"]
+        # 40 -> 16: (i + 0.5) * 40 / 16 is never an integer, so PIL's NEAREST is exact here.
+        expected = Image.fromarray(want).resize((16, 16), Image.NEAREST)
+        np.testing.assert_array_equal(masks[i], np.asarray(expected))
+
+
+def test_data_config_checks():
+    import ml_collections
+
+    from apjax.data import check_data_config
+    from configs.common import data_config
+
+    c = data_config("synthetic", True, None)
+    assert c.cache_size == 0 and c.synthetic.image_size == 72 and c.image_size == 64
+    check_data_config(c)
+    c.cache_size = 80  # the squashed layout: a deviation, but valid
+    check_data_config(c)
+    for bad in (-1, 2.5, True, "original"):
+        with pytest.raises(ValueError, match="config.data.cache_size must be 0"):
+            check_data_config(ml_collections.ConfigDict({**c.to_dict(), "cache_size": bad}))
+    c = data_config("synthetic", True, None)
+    c.split_sizes.val = 0
+    with pytest.raises(ValueError, match="at least one image"):
+        check_data_config(c)
+    c.split_sizes.val, c.split_sizes.test = 10, 10
+    with pytest.raises(ValueError, match="unknown config.data.split_sizes"):
+        check_data_config(c)

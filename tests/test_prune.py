@@ -11,7 +11,6 @@ from apjax import eval_lib, train_lib
 from apjax.compress import structured, unstructured
 from apjax.models import conv_names, count_params, create_model, init_variables, variant_widths
 from configs import prune_structured, prune_unstructured
-from tests.test_distill import teacher_dir  # noqa: F401  (a module-scoped fixture)
 from tests.test_train import tiny_config
 
 
@@ -93,7 +92,7 @@ def test_masked_updates_keep_pruned_weights_exactly_zero():
     assert not np.array_equal(np.asarray(state.params["head"]["kernel"]), v["params"]["head"]["kernel"])
 
 
-def small_prune_config(module, teacher_dir, method, **overrides):  # noqa: F811
+def small_prune_config(module, teacher_dir, method, **overrides):
     c = module.get_config(f"data=synthetic,small,method={method}")
     t = tiny_config(teacher_dir.parent / "data")
     c.data, c.model, c.batch_size = t.data, t.model, 16
@@ -106,7 +105,7 @@ def small_prune_config(module, teacher_dir, method, **overrides):  # noqa: F811
     return c
 
 
-def test_unstructured_rounds_prune_exactly_keep_zeros_and_resume(teacher_dir, tmp_path, capsys):  # noqa: F811
+def test_unstructured_rounds_prune_exactly_keep_zeros_and_resume(teacher_dir, tmp_path, capsys):
     c = small_prune_config(prune_unstructured, teacher_dir, "naive")  # matching: the structured test
     c.prune.rounds, c.prune.rate = 2, 0.2
     workdir = tmp_path / "prune_u"
@@ -150,8 +149,8 @@ def test_l1_filter_keep_drops_the_smallest_l1_filters():
     norms = np.array([5.0, 1.0, 7.0, 0.5, 3.0, 9.0, 2.0, 8.0, 4.0, 6.0])
     kernel[0, 0, 0, :] = norms * np.array([1, -1] * 5)  # signs do not matter: L1 norm
     params = {"conv1_1": {"kernel": kernel}}
-    keep = structured.l1_filter_keep(params, (10,), (0.35,))  # int(10 * 0.35) = 3 dropped
-    np.testing.assert_array_equal(keep["conv1_1"], [0, 2, 4, 5, 7, 8, 9])  # 0.5, 1, 2 dropped
+    keep = structured.l1_filter_keep(params, (10,), (0.35,))  # int(10 * 0.65) = 6 kept, 4 dropped
+    np.testing.assert_array_equal(keep["conv1_1"], [0, 2, 5, 7, 8, 9])  # norms 0.5, 1, 2, 3 dropped
 
 
 def test_p07_gives_the_papers_parameter_count():
@@ -159,8 +158,24 @@ def test_p07_gives_the_papers_parameter_count():
     _, v = random_variables(widths, 227, 20)
     keep = structured.l1_filter_keep(v["params"], widths, structured.layer_ratios(widths, 0.7))
     new_widths, pruned = structured.surgery(v, widths, keep)
-    assert count_params(pruned["params"]) == 3_286_876
-    assert new_widths[0] == 64 - int(64 * 0.7) and new_widths[1] == 64
+    # The reference keeps int(C * (1 - 0.7)) filters; 1 - 0.7 is 0.30000000000000004 in floating point,
+    # so 64 -> 19 (19.2) and 512 -> 153 (153.6).
+    assert new_widths == (19, 64, "M", 128, 128, "M", 256, 256, 256, "M", *[153] * 3, "M", *[153] * 3, "M")
+    # The count by hand: conv 9 * C_in * C_out + C_out (bias) + 2 * C_out (BN scale and bias), then the head
+    # (153 * 7 * 7 inputs, 20 outputs, with bias).
+    by_hand = [
+        (9 * 3 * 19 + 19) + 2 * 19,  # conv1_1: 570
+        (9 * 19 * 64 + 64) + 2 * 64,  # conv1_2: 11,136
+        (9 * 64 * 128 + 128) + 2 * 128,  # 74,112
+        (9 * 128 * 128 + 128) + 2 * 128,  # 147,840
+        (9 * 128 * 256 + 256) + 2 * 256,  # 295,680
+        2 * ((9 * 256 * 256 + 256) + 2 * 256),  # 2 x 590,592
+        (9 * 256 * 153 + 153) + 2 * 153,  # conv4_1: 352,971
+        5 * ((9 * 153 * 153 + 153) + 2 * 153),  # conv4_2 .. conv5_3: 5 x 211,140
+        153 * 7 * 7 * 20 + 20,  # head: 149,960
+    ]
+    assert sum(by_hand) == 3_269_153  # the paper's 3.27M
+    assert count_params(pruned["params"]) == 3_269_153
     # The surgery output has exactly the shapes of a fresh net of the new widths.
     fresh = jax.eval_shape(lambda: init_variables(create_model(new_widths), jax.random.key(0), 227))
     assert jax.tree.map(np.shape, pruned) == jax.tree.map(lambda s: s.shape, fresh)
@@ -186,7 +201,8 @@ def test_surgery_computes_the_original_with_pruned_channels_zeroed():
     ratios = (0.5, 0.3, 0.0, 0.4, 0.5, 0.6)
     keep = structured.l1_filter_keep(v["params"], widths, ratios)
     new_widths, pruned = structured.surgery(v, widths, keep)
-    assert new_widths == (3, "M", 6, 7, "M", 6, "M", 5, "M", 5, "M")
+    # Kept int(C * (1 - p)): 6 * 0.5 = 3, 8 * 0.7 = 5.6, 7, 9 * 0.6 = 5.4, 10 * 0.5 = 5, 12 * 0.4 = 4.8.
+    assert new_widths == (3, "M", 5, 7, "M", 5, "M", 5, "M", 4, "M")
     x = jnp.asarray(np.random.default_rng(2).normal(size=(4, image_size, image_size, 3)), jnp.float32)
     small = create_model(new_widths, num_classes=5, dropout_rate=0.0)
     got, _ = small.apply(jax.tree.map(jnp.asarray, pruned), x)
@@ -206,14 +222,17 @@ def test_surgery_computes_the_original_with_pruned_channels_zeroed():
     assert np.max(np.abs(np.asarray(bad) - np.asarray(expected))) > 1e-2
 
 
-def test_structured_task_trains_the_smaller_net_and_eval_loads_it(teacher_dir, tmp_path):  # noqa: F811
+def test_structured_task_trains_the_smaller_net_and_eval_loads_it(teacher_dir, tmp_path):
     c = small_prune_config(prune_structured, teacher_dir, "sswa")
     workdir = tmp_path / "prune_s"
     final = train_lib.train_and_evaluate(c, workdir)
     info = json.loads((workdir / "model.json").read_text())
     widths = variant_widths(c.model)
     ratios = structured.layer_ratios(widths, 0.7)
-    kept = [w - int(w * r) for w, r in zip([w for w in widths if w != "M"], ratios, strict=True)]
+    # The teacher is a VGG16/8 (8, 8, 16, 16, 32 x 3, 64 x 6); conv1_1 and conv4_1..conv5_3 keep
+    # int(C * 0.3): 8 -> 2 (2.4), 64 -> 19 (19.2).
+    kept = [2, 8, 16, 16, 32, 32, 32, 19, 19, 19, 19, 19, 19]
+    assert [w for w in widths if w != "M"][:2] == [8, 8] and ratios[0] == 0.7
     assert [int(x) for x in info["model"].split(",") if x != "M"] == kept
     summary = json.loads((workdir / "final_metrics.json").read_text())
     assert summary["params_total"] == info["params"] < info["teacher_params"]
@@ -221,7 +240,7 @@ def test_structured_task_trains_the_smaller_net_and_eval_loads_it(teacher_dir, t
     assert m["mAP"] == pytest.approx(final["mAP"], abs=1e-6)
 
 
-def test_pruning_config_errors(teacher_dir):  # noqa: F811
+def test_pruning_config_errors(teacher_dir):
     c = small_prune_config(prune_structured, teacher_dir, "kd")
     with pytest.raises(ValueError, match="unknown method 'kd'; choose one of"):
         train_lib.validate_config(c)

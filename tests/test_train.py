@@ -84,6 +84,7 @@ def test_bce_loss_is_the_mean_binary_cross_entropy():
         ("batch_size", 0, "config.batch_size must be a positive integer, got 0"),
         ("lr_decay_epochs", (30, 10), "config.lr_decay_epochs must be increasing"),
         ("dropout_rate", 1.0, "config.dropout_rate must be in [0, 1)"),
+        ("model_init", "xavier", "unknown config.model_init 'xavier'; choose one of"),
     ],
 )
 def test_bad_config_values_give_one_sentence(tmp_path, field, value, message):
@@ -111,6 +112,34 @@ def test_bad_data_and_config_arguments(tmp_path):
         parse_arg("data=synthetic,smal", data="voc", small=False)
     with pytest.raises(ValueError, match="unknown data 'vocc'"):
         teacher_vgg16.get_config("data=vocc")
+
+
+def test_voc_teacher_needs_imagenet_weights_or_an_explicit_scratch_run(tmp_path):
+    c = teacher_vgg16.get_config()  # the paper's setting: VOC
+    with pytest.raises(ValueError) as e:
+        train_lib.validate_config(c)
+    message = str(e.value)
+    assert "--config.init_from=/path/to/vgg16_bn.pth" in message and "--config.from_scratch=True" in message
+    assert message.count(". ") == 0 and message.endswith(".")
+    c.from_scratch = True
+    train_lib.validate_config(c)
+    c.init_from = "vgg16_bn.pth"
+    with pytest.raises(ValueError, match="from_scratch is True but config.init_from is set"):
+        train_lib.validate_config(c)
+    c.from_scratch = False
+    train_lib.validate_config(c)
+
+
+def test_resuming_a_finished_init_from_run_never_reads_the_weight_file(teacher_dir):
+    """The session's teacher was trained from an init_from file that no longer exists: resuming its
+    workdir (nothing left to train) restores the checkpoint and finishes without reading it."""
+    config = eval_lib.load_workdir_config(teacher_dir)
+    assert config.init_from and not Path(config.init_from).exists()
+    before = (teacher_dir / "metrics.jsonl").read_text()
+    final = train_lib.train_and_evaluate(config, teacher_dir)
+    assert (teacher_dir / "metrics.jsonl").read_text() == before  # no step was trained again
+    saved = json.loads((teacher_dir / "final_metrics.json").read_text())
+    assert saved["val"]["mAP"] == pytest.approx(final["mAP"])
 
 
 def test_batch_size_not_divisible_by_devices(tmp_path):

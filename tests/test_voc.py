@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -315,3 +316,143 @@ def test_tar_errors(tmp_path):
     tar_path.write_bytes(b"not a tar" * 100)
     with pytest.raises(ValueError, match="not a readable tar archive"):
         voc.prepare_voc(str(tmp_path / "d2"), manual_dir=str(manual))
+
+
+# --------------------------------------------------------------------------------------------
+# Where the data may be, the command line, the host cache built from it, split_sizes.
+# --------------------------------------------------------------------------------------------
+
+FIXTURE_SIZES = {"train": len(TRAIN_IDS), "val": len(VAL_IDS), "segmentation_val": len(SEG_IDS)}
+
+
+def _tar(src: Path, tar_path: Path) -> Path:
+    tar_path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(tar_path, "w") as tar:
+        tar.add(src / "VOCdevkit", arcname="VOCdevkit")
+    return tar_path
+
+
+@pytest.mark.parametrize("given", ["VOC2012", "VOCdevkit", "tar_file"])
+def test_manual_dir_may_be_the_voc2012_folder_the_devkit_or_the_tar_itself(tmp_path, given):
+    voc_root, masks = write_fake_voc(tmp_path / "src")
+    manual = {
+        "VOC2012": voc_root,
+        "VOCdevkit": voc_root.parent,
+        "tar_file": _tar(tmp_path / "src", tmp_path / "elsewhere" / "my_copy.tar"),  # any name
+    }[given]
+    data_dir = tmp_path / "data"
+    assert voc.prepare_voc(str(data_dir), manual_dir=str(manual)) == FIXTURE_SIZES
+    _check_prepared(data_dir, voc_root, masks)
+
+
+def test_command_line_prepares_and_prints_the_split_sizes(tmp_path, capsys):
+    from apjax.data import prepare
+
+    write_fake_voc(tmp_path / "src")
+    _tar(tmp_path / "src", tmp_path / "manual" / voc.VOC_TAR_NAME)
+    data_dir = tmp_path / "data"
+    argv = ["--manual_dir", str(tmp_path / "manual" / voc.VOC_TAR_NAME), "--data_dir", str(data_dir)]
+    assert prepare.main(argv) == 0
+    out = capsys.readouterr().out
+    for split, n in FIXTURE_SIZES.items():
+        assert re.search(rf"^\s+{split}\s+{n} images$", out, re.M), out
+    assert len(voc.load_voc_split(str(data_dir), "segmentation_val")) == len(SEG_IDS)
+    # A wrong place: exit status 1 and the one-sentence hint on stderr.
+    assert prepare.main(["--manual_dir", str(tmp_path / "nowhere"), "--data_dir", str(tmp_path / "d2")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: PASCAL VOC 2012 was not found") and voc.VOC_URL in err
+
+
+def test_cache_holds_the_original_pixels_and_eval_resizes_them_once(tmp_path):
+    import jax.numpy as jnp
+    from PIL import Image as PILImage
+
+    from apjax.data import load_cached_split
+    from apjax.data.augment import MEAN, STD, eval_preprocess
+    from apjax.data.pipeline import eval_masks
+
+    data_dir = tmp_path / "data"
+    write_fake_voc(tmp_path / "manual")
+    voc.prepare_voc(str(data_dir), manual_dir=str(tmp_path / "manual"))
+    # val: 46x38, 40x52, 44x40 (H x W); the slot grows from 46 to 52 on the second image.
+    for split in ("val", "segmentation_val"):
+        source = _by_id(voc.load_voc_split(str(data_dir), split))
+        cache = load_cached_split("voc", split, data_dir)
+        originals = [np.asarray(source[i]["image"]) for i in cache.image_ids]
+        assert cache.size == max(max(o.shape[:2]) for o in originals)
+        for i, original in enumerate(originals):
+            h, w = original.shape[:2]
+            assert cache.sizes[i].tolist() == cache.extents[i].tolist() == [h, w]
+            np.testing.assert_array_equal(cache.images[i, :h, :w], original)
+            assert not cache.images[i, h:].any() and not cache.images[i, :, w:].any()
+        # Eval images: the original resized once, as PIL does it.
+        got = np.asarray(eval_preprocess(jnp.asarray(cache.images), jnp.asarray(cache.extents), out_size=16))
+        for i, original in enumerate(originals):
+            channels = [
+                PILImage.fromarray(original[..., c].astype(np.float32)).resize((16, 16), PILImage.BILINEAR)
+                for c in range(3)
+            ]
+            want = np.stack([np.asarray(c) for c in channels], -1) / 255.0
+            np.testing.assert_allclose(got[i], (want - np.asarray(MEAN)) / np.asarray(STD), atol=1e-4)
+    # Masks: the original mask resized once, NEAREST (even sides with out 16 never meet a PIL tie here).
+    masks = eval_masks(cache, 16)
+    for i, image_id in enumerate(cache.image_ids):
+        original = np.asarray(source[image_id]["mask"])[..., 0]
+        want = PILImage.fromarray(original).resize((16, 16), PILImage.NEAREST)
+        np.testing.assert_array_equal(masks[i], np.asarray(want))
+
+
+def test_cache_is_rebuilt_when_the_dataset_is_prepared_again(tmp_path, monkeypatch):
+    from apjax.data import cache as cache_lib
+    from apjax.data import load_cached_split
+
+    data_dir, manual = tmp_path / "data", tmp_path / "manual"
+    voc_root, _ = write_fake_voc(manual)
+    voc.prepare_voc(str(data_dir), manual_dir=str(manual))
+    before = load_cached_split("voc", "train", data_dir)
+    row = before.image_ids.index("2007_000002")
+    np.testing.assert_array_equal(before.labels[row], _expected_labels("2007_000002"))
+    # The same preparation: the cache is reused.
+    calls = []
+    monkeypatch.setattr(cache_lib, "build_cache", lambda *a, **k: calls.append(1))
+    load_cached_split("voc", "train", data_dir)
+    assert calls == []
+    monkeypatch.undo()
+    # Prepared again from changed data: 2007_000002 is now a cat, 2007_000001 another picture.
+    (voc_root / "Annotations" / "2007_000002.xml").write_text(
+        "<annotation><object><name>cat</name><difficult>0</difficult></object></annotation>"
+    )
+    new_jpeg = voc_root / "JPEGImages" / "2007_000001.jpg"
+    Image.fromarray(_image_array(30, 20, seed=99)).save(new_jpeg, quality=90)
+    shutil.rmtree(data_dir / "apjax_voc2012")
+    voc.prepare_voc(str(data_dir), manual_dir=str(manual))
+    after = load_cached_split("voc", "train", data_dir)
+    cat = np.zeros(20, np.uint8)
+    cat[voc.VOC_CLASSES.index("cat")] = 1
+    np.testing.assert_array_equal(after.labels[after.image_ids.index("2007_000002")], cat)
+    row = after.image_ids.index("2007_000001")
+    assert after.sizes[row].tolist() == [20, 30]
+    with Image.open(new_jpeg) as src:
+        np.testing.assert_array_equal(after.images[row, :20, :30], np.asarray(src.convert("RGB")))
+
+
+def test_split_sizes_are_refused_for_voc():
+    import ml_collections
+
+    from apjax import train_lib
+    from apjax.data import check_data_config
+    from configs import vgg16_kd
+    from configs.common import data_config
+
+    c = data_config("voc", False, None)
+    assert "split_sizes" not in c and c.cache_size == 0
+    check_data_config(c)
+    c.split_sizes = ml_collections.ConfigDict(dict(voc.VOC_SPLIT_SIZES))  # what older configs held
+    check_data_config(c)
+    c.split_sizes.train = 100
+    with pytest.raises(ValueError, match="cannot apply to VOC, whose splits are the official image lists"):
+        check_data_config(c)
+    k = vgg16_kd.get_config("")  # train_lib.validate_config checks it too
+    k.data.split_sizes = ml_collections.ConfigDict(dict(train=100, val=10, segmentation_val=10))
+    with pytest.raises(ValueError, match="cannot apply to VOC"):
+        train_lib.validate_config(k)

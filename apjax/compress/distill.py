@@ -35,7 +35,7 @@ from apjax.attribution import (
     swa_map,
     tap_maps,
 )
-from apjax.compress.losses import MATCHING_FORMS, kd_loss, multi_tap_matching_loss
+from apjax.compress.losses import MATCHING_FORMS, bce_loss, kd_loss, multi_tap_matching_loss
 from apjax.data.augment import eval_preprocess, train_augment
 from apjax.data.cache import HostCache
 from apjax.data.pipeline import batch_sharding, eval_batches
@@ -69,6 +69,11 @@ def validate_distill_config(config: ml_collections.ConfigDict, methods: tuple[st
         raise ValueError(f"config.distill.temperature must be > 0, got {d.temperature!r}.")
     if not 0 <= d.alpha <= 1:
         raise ValueError(f"config.distill.alpha must be in [0, 1], got {d.alpha!r}.")
+    if not 0 <= d.get("kd_log_eps", 0.0) < 1e-3:
+        raise ValueError(
+            f"config.distill.kd_log_eps must be in [0, 1e-3) (the reference's 1e-7, or 0 for the exact "
+            f"log-sigmoid), got {d.kd_log_eps!r}."
+        )
     taps = list(d.taps)
     known = tap_names(train_lib.create_model(config.model).widths)
     if d.method in MATCHING_METHODS and (not taps or any(t not in known for t in taps)):
@@ -137,25 +142,121 @@ def sswa_masks(key: jax.Array, acts: Mapping[str, jax.Array], mode: str, drop: f
 
 def teacher_maps(
     teacher, variables, x: jax.Array, d: ml_collections.ConfigDict, key: jax.Array
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Teacher logits and its maps at ``d.taps`` (eval mode, no parameter gradient)."""
+) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
+    """Teacher logits, its maps at ``d.taps`` and its SSWA channel masks (eval mode, constants).
+
+    Returns:
+      ``(logits (B, K), maps tap -> (B, h, w), masks tap -> (1, C) or (B, C))``; maps are empty for
+      methods without matching, masks for methods other than SSWA.
+    """
     taps = tuple(d.taps)
+    masks = {}
     if d.method not in MATCHING_METHODS:
         logits, _ = teacher.apply(variables, x)
-        return jax.lax.stop_gradient(logits), {}
+        return jax.lax.stop_gradient(logits), {}, masks
     if d.method == "ewa":
         logits, acts = teacher.apply(variables, x, taps=taps)
         maps = tap_maps("ewa", acts, None)
     else:
         logits, acts, grads, _ = tap_gradients(teacher, variables, x, top1_seed, taps)
-        masks = sswa_masks(key, acts, d.sswa_mode, d.sswa_drop) if d.method == "sswa" else None
+        masks = sswa_masks(key, acts, d.sswa_mode, d.sswa_drop) if d.method == "sswa" else {}
         maps = tap_maps(d.method, acts, grads, masks)
-    return jax.lax.stop_gradient(logits), jax.tree.map(jax.lax.stop_gradient, maps)
+    return jax.lax.stop_gradient(logits), jax.tree.map(jax.lax.stop_gradient, maps), masks
 
 
 # ------------------------------------------------------------------------------------------------
-# The step.
+# The loss and the step.
 # ------------------------------------------------------------------------------------------------
+
+BASE_LOSSES = ("kd", "bce")
+
+
+def distill_loss(
+    params: Any,
+    student,
+    batch_stats: Any,
+    teacher,
+    teacher_vars: Mapping[str, Any],
+    x: jax.Array,
+    labels: jax.Array,
+    d: ml_collections.ConfigDict,
+    dropout_key: jax.Array,
+    mask_key: jax.Array,
+    base_loss: str = "kd",
+) -> tuple[jax.Array, dict[str, Any]]:
+    """The training loss of one augmented batch, a pure function of the student's ``params``.
+
+    ``L = base + beta * sum over d.taps of matching(M_s, M_t)`` with ``base`` the KD loss (``'kd'``:
+    alpha * KD + (1 - alpha) * BCE) or BCE (``'bce'``, pruning). The teacher runs in eval mode on ``x``
+    and is a constant; its top-1 class k seeds both nets' maps. The student runs in train mode (batch
+    statistics, dropout from ``dropout_key``); its map is never channel-dropped, and its gradient runs
+    through d logit_k / d A (second order). SSWA's teacher masks come from ``mask_key``.
+
+    Args:
+      params: the student's parameters (the argument to differentiate).
+      student, teacher: the two Flax models.
+      batch_stats: the student's BatchNorm statistics.
+      teacher_vars: the teacher's ``{'params', 'batch_stats'}``.
+      x: augmented images (B, H, W, 3).
+      labels: multi-hot float (B, K).
+      d: the ``config.distill`` block (method, taps, beta, matching_form, sswa_*, temperature, alpha,
+        kd_log_eps).
+
+    Returns:
+      ``(loss, aux)`` with ``aux`` = ``parts`` (``bce``, ``kd`` with ``'kd'``, ``match``),
+      ``batch_stats`` (the student's new statistics), ``teacher_logits`` (B, K), ``seed`` (B, K) the
+      one-hot of the teacher's class, ``teacher_masks`` and ``teacher_maps``/``student_maps`` per tap.
+    """
+    if base_loss not in BASE_LOSSES:
+        raise ValueError(f"unknown base loss {base_loss!r}; choose one of {list(BASE_LOSSES)}.")
+    taps = tuple(d.taps)
+    t_logits, t_maps, t_masks = teacher_maps(teacher, teacher_vars, x, d, mask_key)
+    seed = top1_seed(t_logits)  # the teacher's class k, used for the student too
+    variables = {"params": params, "batch_stats": batch_stats}
+    rngs = {"dropout": dropout_key}
+    if d.method in ("swa", "sswa"):
+        s_logits, s_acts, s_grads, updates = tap_gradients(
+            student, variables, x, seed, taps, train=True, rngs=rngs
+        )
+    else:
+        (s_logits, s_acts), updates = student.apply(
+            variables,
+            x,
+            train=True,
+            taps=taps if d.method == "ewa" else (),
+            rngs=rngs,
+            mutable=["batch_stats"],
+        )
+        s_grads = None
+    if base_loss == "kd":
+        loss, parts = kd_loss(
+            s_logits,
+            t_logits,
+            labels,
+            temperature=d.temperature,
+            alpha=d.alpha,
+            log_eps=d.get("kd_log_eps", 0.0),
+        )
+    else:
+        loss = bce_loss(s_logits, labels)
+        parts = {"bce": loss}
+    match = jnp.zeros((), jnp.float32)
+    s_maps = {}
+    if d.method in MATCHING_METHODS:
+        # The student's map is never channel-dropped: SSWA's masks are the teacher's alone.
+        s_maps = tap_maps("swa" if d.method == "sswa" else d.method, s_acts, s_grads)
+        match = multi_tap_matching_loss(s_maps, t_maps, d.matching_form)
+        loss = loss + d.beta * match
+    aux = {
+        "parts": {**parts, "match": match},
+        "batch_stats": updates["batch_stats"],
+        "teacher_logits": t_logits,
+        "seed": seed,
+        "teacher_masks": t_masks,
+        "teacher_maps": t_maps,
+        "student_maps": s_maps,
+    }
+    return loss, aux
 
 
 def make_distill_step(
@@ -169,18 +270,18 @@ def make_distill_step(
 ):
     """The jitted ``(state, teacher_variables, batch) -> (state, metrics)``; state donated.
 
-    ``base_loss`` is ``'kd'`` (distillation: alpha * KD + (1 - alpha) * BCE) or ``'bce'`` (pruning's
-    fine-tuning); the matching term ``beta * match`` is added for the matching methods. Pruning masks in
-    the state are honoured by :func:`apjax.train_lib.apply_gradients`.
+    Augments the batch on the device, then one :func:`distill_loss` and its gradient, then the update.
+    ``base_loss`` is ``'kd'`` (distillation) or ``'bce'`` (pruning's fine-tuning). Pruning masks in the
+    state are honoured by :func:`apjax.train_lib.apply_gradients`.
 
     Metrics (on the device): ``loss``, ``bce``, ``kd`` (with ``'kd'`` only), ``match`` (0 without
     matching), ``lr``.
     """
-    if base_loss not in ("kd", "bce"):
-        raise ValueError(f"unknown base loss {base_loss!r}; choose 'kd' or 'bce'.")
+    if base_loss not in BASE_LOSSES:
+        raise ValueError(f"unknown base loss {base_loss!r}; choose one of {list(BASE_LOSSES)}.")
     d = config.distill
-    taps = tuple(d.taps)
     image_size, crop_scale = config.data.image_size, tuple(config.data.crop_scale)
+    grad_fn = jax.value_and_grad(distill_loss, has_aux=True)
 
     def step(state: train_lib.TrainState, teacher_vars, batch):
         aug_key, dropout_key, mask_key = train_lib.step_keys(state, 3)
@@ -188,43 +289,18 @@ def make_distill_step(
             aug_key,
             batch["images"],
             batch["sizes"],
+            batch["extents"],
             out_size=image_size,
             dtype=student.dtype,
             scale=crop_scale,
         )
         labels = batch["labels"].astype(jnp.float32)
-        t_logits, t_maps = teacher_maps(teacher, teacher_vars, x, d, mask_key)
-        seed = top1_seed(t_logits)  # the teacher's class k, used for the student too
-
-        def loss_fn(params):
-            variables = {"params": params, "batch_stats": state.batch_stats}
-            rngs = {"dropout": dropout_key}
-            if d.method in ("swa", "sswa"):
-                s_logits, s_acts, s_grads, updates = tap_gradients(
-                    student, variables, x, seed, taps, train=True, rngs=rngs
-                )
-            else:
-                (s_logits, s_acts), updates = student.apply(
-                    variables, x, train=True, taps=taps if d.method == "ewa" else (), rngs=rngs,
-                    mutable=["batch_stats"],
-                )  # fmt: skip
-                s_grads = None
-            if base_loss == "kd":
-                loss, parts = kd_loss(s_logits, t_logits, labels, temperature=d.temperature, alpha=d.alpha)
-            else:
-                loss = train_lib.bce_loss(s_logits, labels)
-                parts = {"bce": loss}
-            match = jnp.zeros((), jnp.float32)
-            if d.method in MATCHING_METHODS:
-                # The student's map is never channel-dropped: SSWA's masks are the teacher's alone.
-                s_maps = tap_maps("swa" if d.method == "sswa" else d.method, s_acts, s_grads)
-                match = multi_tap_matching_loss(s_maps, t_maps, d.matching_form)
-                loss = loss + d.beta * match
-            return loss, ({**parts, "match": match}, updates["batch_stats"])
-
-        (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        new_state = train_lib.apply_gradients(state, tx, grads, batch_stats)
-        return new_state, {"loss": loss, "lr": lr_fn(state.step), **parts}
+        (loss, aux), grads = grad_fn(
+            state.params, student, state.batch_stats, teacher, teacher_vars, x, labels, d,
+            dropout_key, mask_key, base_loss,
+        )  # fmt: skip
+        new_state = train_lib.apply_gradients(state, tx, grads, aux["batch_stats"])
+        return new_state, {"loss": loss, "lr": lr_fn(state.step), **aux["parts"]}
 
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(
@@ -256,21 +332,23 @@ class SimilarityEval:
         self.batch_size = max(config.batch_size, mesh.devices.size)
         image_size, taps = config.data.image_size, self.taps
 
-        def teacher_step(teacher_vars, images):
-            x = eval_preprocess(images, out_size=image_size, dtype=teacher.dtype)
+        def teacher_step(teacher_vars, images, extents):
+            x = eval_preprocess(images, extents, out_size=image_size, dtype=teacher.dtype)
             logits, acts, grads, _ = tap_gradients(teacher, teacher_vars, x, top1_seed, taps)
             return top1_seed(logits), {t: swa_map(acts[t], grads[t]) for t in taps}
 
-        def student_step(student_vars, images, seed, teacher_maps):
-            x = eval_preprocess(images, out_size=image_size, dtype=student.dtype)
+        def student_step(student_vars, images, extents, seed, teacher_maps):
+            x = eval_preprocess(images, extents, out_size=image_size, dtype=student.dtype)
             logits, acts, grads, _ = tap_gradients(student, student_vars, x, seed, taps)
             cos = [map_cosine_similarity(swa_map(acts[t], grads[t]), teacher_maps[t]) for t in taps]
             return logits, jnp.mean(jnp.stack(cos), axis=0)
 
         replicated, split = NamedSharding(mesh, PartitionSpec()), batch_sharding(mesh)
-        self._teacher_step = jax.jit(teacher_step, in_shardings=(replicated, split), out_shardings=split)
+        self._teacher_step = jax.jit(
+            teacher_step, in_shardings=(replicated, split, split), out_shardings=split
+        )
         self._student_step = jax.jit(
-            student_step, in_shardings=(replicated, split, split, split), out_shardings=(split, split)
+            student_step, in_shardings=(replicated, split, split, split, split), out_shardings=(split, split)
         )
         self._targets: dict[int, list] = {}
 
@@ -279,7 +357,7 @@ class SimilarityEval:
         key = id(cache)
         if key not in self._targets:
             self._targets[key] = [
-                self._teacher_step(self.teacher_vars, b["images"])
+                self._teacher_step(self.teacher_vars, b["images"], b["extents"])
                 for b in eval_batches(cache, self.batch_size, self.mesh)
             ]
         return self._targets[key]
@@ -287,7 +365,7 @@ class SimilarityEval:
     def __call__(self, state: train_lib.TrainState, cache: HostCache) -> dict[str, float]:
         student_vars = {"params": state.params, "batch_stats": state.batch_stats}
         outs = [
-            (*self._student_step(student_vars, b["images"], seed, maps), b["valid"])
+            (*self._student_step(student_vars, b["images"], b["extents"], seed, maps), b["valid"])
             for b, (seed, maps) in zip(
                 eval_batches(cache, self.batch_size, self.mesh), self.teacher_targets(cache), strict=True
             )
@@ -309,6 +387,7 @@ def distill_task(
     step = make_distill_step(student, teacher, tx, lr_fn, config, mesh)
     return train_lib.Task(
         init_state=lambda: train_lib.create_train_state(config, student, tx),
+        abstract_init=lambda sharding: train_lib.abstract_train_state(config, student, tx, sharding),
         train_step=lambda state, batch: step(state, teacher_vars, batch),
         evaluate=SimilarityEval(student, teacher, teacher_vars, config, mesh),
     )

@@ -1,9 +1,12 @@
 """Structured pruning: L1-norm filter pruning (Li et al., ICLR 2017) with real channel removal.
 
-One shot, per conv layer: drop the ``int(C * p)`` output filters with the smallest sum of absolute kernel
-weights, where ``p`` is that layer's ratio (SPEC section 6: ``[p, 0, 0, 0, 0, 0, 0, p, p, p, p, p, p]``
-over VGG16's 13 convs, ``p = 0.7`` giving 3,286,876 parameters). Each layer is ranked on the original
-kernel, independently of the other layers' pruning.
+One shot, per conv layer: KEEP the ``int(C * (1 - p))`` output filters with the largest sum of absolute
+kernel weights (drop the rest), where ``p`` is that layer's ratio (SPEC section 6:
+``[p, 0, 0, 0, 0, 0, 0, p, p, p, p, p, p]`` over VGG16's 13 convs). This is the reference's count: in
+floating point ``1 - 0.7 = 0.30000000000000004``, so 19 of 64 and 153 of 512 filters are kept and
+``p = 0.7`` gives 3,269,153 parameters, the paper's 3.27M. (Dropping ``int(C * p)`` instead would keep 20
+and 154: 3,286,876 parameters, not the paper's net.) Each layer is ranked on the original kernel,
+independently of the other layers' pruning.
 
 Surgery builds the smaller net: a VGG whose widths are the kept counts, holding the kept filters (kernel
 output columns and bias), their BatchNorm entries (scale, bias, running mean and variance), the next
@@ -39,7 +42,7 @@ def layer_ratios(widths: Sequence[int | str], ratio: float, pattern: Sequence[in
 
 
 def l1_filter_keep(params: Mapping[str, Any], widths: Sequence[int | str], ratios: Sequence[float]) -> dict:
-    """Kept output filters of each conv: the ``C - int(C * ratio)`` with the largest L1 norms.
+    """Kept output filters of each conv: the ``int(C * (1 - ratio))`` with the largest L1 norms.
 
     Args:
       params: a VGG's params (kernels (3, 3, C_in, C_out)).
@@ -59,7 +62,7 @@ def l1_filter_keep(params: Mapping[str, Any], widths: Sequence[int | str], ratio
         kernel = np.asarray(jax.device_get(params[name]["kernel"]), np.float64)
         channels = kernel.shape[-1]
         norms = np.abs(kernel).sum(axis=(0, 1, 2))
-        n_drop = int(channels * ratio)
+        n_drop = channels - int(channels * (1.0 - ratio))  # the reference keeps int(C * (1 - p))
         # Stable sort: among equal norms the earlier filter is dropped first.
         dropped = np.argsort(norms, kind="stable")[:n_drop]
         keep[name] = np.setdiff1d(np.arange(channels), dropped)

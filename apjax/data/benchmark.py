@@ -1,10 +1,18 @@
 """Data benchmark: images/s of synthetic generation, tfds preparation, caching, batching, augmentation.
 
     python -m apjax.data.benchmark --out data_benchmark.json [--image_size 227 --count 512]
+    # at VOC resolution (500x375 and 375x500 images), the faithful cache and the squashed one:
+    python -m apjax.data.benchmark --voc --cache_size 0 --out voc_original.json
+    python -m apjax.data.benchmark --voc --cache_size 256 --out voc_squash256.json
 
-Writes one JSON file (figures, device, versions, date) and prints a table. Each stage runs on a fresh
-temporary data directory, so nothing is reused from earlier runs; device timings are taken after a
-warm-up call and block until the result is ready.
+``--cache_size`` is the cache layout of ``config.data.cache_size``: 0 stores every image at its original
+resolution (the default, the reference's pipeline), N > 0 squashes it to N x N (a deviation). Without
+``--voc`` the synthetic images are generated at ``--source_size`` (default: the model input side plus
+an eighth); with ``--voc`` they are generated at 500 x 500 and cut to VOC 2012's two usual shapes,
+500 x 375 (landscape) and 375 x 500 (portrait), alternately. Writes one JSON file (figures, device,
+versions, date) and prints a table. Each stage runs on a fresh temporary data directory, so nothing is
+reused from earlier runs; device timings are taken after a warm-up call and block until the result is
+ready.
 """
 
 from __future__ import annotations
@@ -35,14 +43,36 @@ def _time_device(fn, *args, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def run(image_size: int, count: int, batch_size: int, cache_size: int) -> dict:
+class _VocShaped:
+    """A data source whose square images (and masks) are cut to VOC shapes: 375x500 and 500x375 in turn."""
+
+    def __init__(self, source):
+        self.source, self.dataset_info = source, source.dataset_info
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        ex = dict(self.source[index])
+        h, w = (375, 500) if index % 2 == 0 else (500, 375)
+        for key in ("image", "mask"):
+            if key in ex:
+                ex[key] = ex[key][:h, :w]
+        return ex
+
+
+def run(
+    image_size: int, count: int, batch_size: int, cache_size: int, voc: bool, source_size: int | None
+) -> dict:
     """Runs every stage and returns the figures (images/s unless named otherwise)."""
-    from apjax.data import load_cached_split
+    from apjax.data import load_split
     from apjax.data.augment import eval_preprocess, train_augment
+    from apjax.data.cache import get_cache, load_cache
     from apjax.data.pipeline import TrainBatches, data_mesh
     from apjax.data.synthetic import SyntheticConfig, generate_example
 
-    gen = SyntheticConfig(image_size=image_size, seed=0)
+    side = 500 if voc else source_size or image_size + image_size // 8
+    gen = SyntheticConfig(image_size=side, seed=0)
     sizes = {"train": count, "val": 8, "segmentation_val": 8}
     results: dict = {}
 
@@ -59,13 +89,18 @@ def run(image_size: int, count: int, batch_size: int, cache_size: int) -> dict:
         prepare_synthetic(tmp, gen, sizes)
         results["prepare_tfds_images_per_s"] = _rate(count + 16, time.perf_counter() - start)
 
+        source = load_split("synthetic", "train", tmp, gen, sizes)
+        source = _VocShaped(source) if voc else source
+        directory = Path(tmp) / "cache"
         start = time.perf_counter()
-        cache = load_cached_split("synthetic", "train", tmp, cache_size, gen, sizes)
+        cache = get_cache(source, directory, cache_size, with_masks=False, desc="caching")
         results["cache_build_images_per_s"] = _rate(count, time.perf_counter() - start)
 
         start = time.perf_counter()
-        cache = load_cached_split("synthetic", "train", tmp, cache_size, gen, sizes)
+        cache = load_cache(directory)
         results["cache_reopen_seconds"] = round(time.perf_counter() - start, 4)
+        results["cache_slot_side"] = cache.size
+        results["cache_bytes_per_image"] = int(cache.images[0].nbytes)
 
         mesh = data_mesh()
         bs = min(batch_size, count) // mesh.devices.size * mesh.devices.size
@@ -79,10 +114,12 @@ def run(image_size: int, count: int, batch_size: int, cache_size: int) -> dict:
         b = batches.batch(0)
         augment = jax.jit(train_augment, static_argnames=("out_size", "dtype"))
         key = jax.random.key(0)
-        t = _time_device(lambda k: augment(k, b["images"], b["sizes"], out_size=image_size), key, repeats=5)
+        t = _time_device(
+            lambda k: augment(k, b["images"], b["sizes"], b["extents"], out_size=image_size), key, repeats=5
+        )
         results["train_augment_images_per_s"] = _rate(bs, t)
         evaluate = jax.jit(eval_preprocess, static_argnames=("out_size", "dtype"))
-        t = _time_device(lambda im: evaluate(im, out_size=image_size), b["images"], repeats=5)
+        t = _time_device(lambda im: evaluate(im, b["extents"], out_size=image_size), b["images"], repeats=5)
         results["eval_preprocess_images_per_s"] = _rate(bs, t)
         results["batch_size"] = bs
     return results
@@ -92,12 +129,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--out", default="data_benchmark.json", help="JSON file to write")
     parser.add_argument("--image_size", type=int, default=227, help="model input side")
-    parser.add_argument("--cache_size", type=int, default=256, help="side of the cached images")
+    parser.add_argument(
+        "--cache_size", type=int, default=0, help="0: original resolution (default); N > 0: squash to NxN"
+    )
     parser.add_argument("--count", type=int, default=512, help="synthetic training images to build")
     parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--voc", action="store_true", help="images at VOC resolution (500x375, 375x500)")
+    parser.add_argument(
+        "--source_size", type=int, default=None, help="side of the generated images without --voc"
+    )
     args = parser.parse_args(argv)
+    from apjax.data.cache import check_cache_size
 
-    figures = run(args.image_size, args.count, args.batch_size, args.cache_size)
+    check_cache_size(args.cache_size, "--cache_size")
+    figures = run(args.image_size, args.count, args.batch_size, args.cache_size, args.voc, args.source_size)
     report = {
         "benchmark": "apjax.data",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

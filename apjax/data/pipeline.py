@@ -5,12 +5,14 @@ images (epoch ``s // steps_per_epoch`` is one permutation drawn from ``(seed, ep
 incomplete batch of an epoch is dropped), so a resumed run needs only the step to continue exactly
 where it stopped. In a multi-process run each process gathers only its own contiguous slice of the
 global batch, and the slices are assembled into one global ``jax.Array`` split over the 'data' axis.
-The batches stay uint8 on the way to the device; the augmentation runs there
+The batches stay uint8 on the way to the device, each image in its cache slot with its original size
+(``sizes``) and the extent of the slot it fills (``extents``); the augmentation runs there
 (:func:`apjax.data.augment.train_augment`, typically inside the jitted train step).
 """
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 from collections.abc import Iterator
@@ -19,6 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from apjax.data.augment import resize_masks_nearest
 from apjax.data.cache import HostCache
 
 
@@ -54,8 +57,9 @@ def _to_global(local: dict[str, np.ndarray], mesh: Mesh, global_batch_size: int)
 class TrainBatches:
     """Shuffled training batches of a :class:`HostCache`, addressed by step.
 
-    Each batch is a dict of global arrays: ``images`` uint8 (B, S, S, 3), ``sizes`` int32 (B, 2)
-    original (H, W), ``labels`` uint8 (B, K), split over the mesh's 'data' axis.
+    Each batch is a dict of global arrays: ``images`` uint8 (B, S, S, 3) cache slots, ``sizes`` int32
+    (B, 2) original (H, W), ``extents`` int32 (B, 2) the (h, w) each image fills in its slot, ``labels``
+    uint8 (B, K), split over the mesh's 'data' axis.
     """
 
     def __init__(self, cache: HostCache, global_batch_size: int, seed: int, mesh: Mesh):
@@ -86,7 +90,12 @@ class TrainBatches:
         p, n = jax.process_index(), self.local_batch_size
         idx = idx[p * n : (p + 1) * n]
         c = self.cache
-        return {"images": c.images[idx], "sizes": c.sizes[idx], "labels": c.labels[idx]}
+        return {
+            "images": c.images[idx],
+            "sizes": c.sizes[idx],
+            "extents": c.extents[idx],
+            "labels": c.labels[idx],
+        }
 
     def batch(self, step: int) -> dict[str, jax.Array]:
         """The global batch at ``step`` on the mesh."""
@@ -106,8 +115,9 @@ def eval_batches(
 ) -> Iterator[dict[str, jax.Array]]:
     """The whole split in order, in global batches; the last is padded and flagged by ``valid``.
 
-    Each batch holds ``images`` uint8 (B, S, S, 3), ``labels`` uint8 (B, K), ``valid`` bool (B,),
-    ``index`` int32 (B,) into the split, and ``masks`` uint8 (B, S, S) when the split has masks.
+    Each batch holds ``images`` uint8 (B, S, S, 3) cache slots, ``extents`` int32 (B, 2) the (h, w) each
+    image fills in its slot, ``labels`` uint8 (B, K), ``valid`` bool (B,), ``index`` int32 (B,) into the
+    split, and ``masks`` uint8 (B, S, S) (laid out like ``images``) when the split has masks.
     """
     check_batch_size(global_batch_size, mesh)
     n = len(cache)
@@ -121,6 +131,7 @@ def eval_batches(
             idx = np.where(valid, idx, n - 1)
             batch = {
                 "images": cache.images[idx],
+                "extents": cache.extents[idx],
                 "labels": cache.labels[idx],
                 "valid": valid,
                 "index": idx.astype(np.int32),
@@ -130,6 +141,28 @@ def eval_batches(
             yield _to_global(batch, mesh, global_batch_size)
 
     yield from _prefetch(gen(), prefetch)
+
+
+def eval_masks(cache: HostCache, out_size: int, chunk: int = 256) -> np.ndarray:
+    """The split's masks, each resized once (NEAREST) from its stored mask: uint8 (N, out_size, out_size).
+
+    At original resolution this is the original mask resized once, as the reference does (SPEC section 3);
+    the slot padding is never read (:func:`apjax.data.augment.resize_masks_nearest`).
+    """
+    if cache.masks is None:
+        raise ValueError("this split has no masks; localisation needs the segmentation_val split.")
+    resize = _resize_masks_jit()
+    return np.concatenate(
+        [
+            np.asarray(resize(cache.masks[i : i + chunk], cache.extents[i : i + chunk], out_size=out_size))
+            for i in range(0, len(cache), chunk)
+        ]
+    )
+
+
+@functools.cache
+def _resize_masks_jit():
+    return jax.jit(resize_masks_nearest, static_argnames=("out_size",))
 
 
 def _prefetch(items: Iterator, depth: int) -> Iterator:

@@ -4,6 +4,8 @@ One builder config per :class:`~apjax.data.synthetic.SyntheticConfig` and split 
 them, so differently parameterised benchmarks live side by side in one ``data_dir``. Every split has
 masks (the generator knows them exactly), stored as single-channel PNG index images; images are PNG.
 Generation runs on a thread pool (numpy and PNG encoding release the GIL for much of their time).
+Images are generated at ``generator.image_size``, which is their original resolution: the host cache's
+default layout keeps them at that size, so crops and eval images are resized once from it, as for VOC.
 """
 
 from __future__ import annotations

@@ -1,8 +1,16 @@
 """PASCAL VOC 2012 (classification labels + segmentation masks) as a tensorflow-datasets builder.
 
 The data is read from the user's ``VOCtrainval_11-May-2012.tar`` (or from the already extracted
-``VOCdevkit/VOC2012`` folder) placed in tfds's manual directory, and written as ``array_record``
-files so that it can be read back without TensorFlow through ``tfds.data_source``.
+``VOCdevkit/VOC2012`` folder) given as tfds's manual directory, and written as ``array_record``
+files so that it can be read back without TensorFlow through ``tfds.data_source``. From the command
+line (prints the split sizes when done)::
+
+    python -m apjax.data.prepare --manual_dir /path/to/VOCtrainval_11-May-2012.tar \
+        --data_dir ~/tensorflow_datasets
+
+or from Python, ``apjax.data.prepare_voc(data_dir, manual_dir)``. The manual directory may be the tar
+itself, a folder holding it, the extracted ``VOCdevkit`` or ``VOCdevkit/VOC2012`` folder, or a folder
+holding ``VOCdevkit``; by default it is ``<data_dir>/downloads/manual``.
 
 Two builder configs:
 
@@ -51,6 +59,8 @@ VOC_CLASSES: tuple[str, ...] = (
     "train",
     "tvmonitor",
 )
+# The official split sizes (ImageSets/Main train and val, ImageSets/Segmentation val).
+VOC_SPLIT_SIZES = {"train": 5717, "val": 5823, "segmentation_val": 1449}
 VOC_TAR_NAME = "VOCtrainval_11-May-2012.tar"
 VOC_URL = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
 
@@ -199,22 +209,39 @@ class _TarSource:
 
 def _missing_source_error(manual_dir: Path) -> DatasetNotFoundError:
     return DatasetNotFoundError(
-        f"PASCAL VOC 2012 was not found in the manual directory {manual_dir}: download "
-        f"{VOC_URL} and put it at {manual_dir / VOC_TAR_NAME} (or extract it so that "
-        f"{manual_dir / 'VOCdevkit' / 'VOC2012'} exists)."
+        f"PASCAL VOC 2012 was not found at {manual_dir}: download {VOC_URL} and put it at "
+        f"{manual_dir / VOC_TAR_NAME}, or give as the manual directory the tar file itself or the extracted "
+        "VOCdevkit or VOCdevkit/VOC2012 folder."
     )
 
 
-def _find_source(manual_dir: str | os.PathLike) -> _FolderSource | _TarSource:
-    """Returns the VOC source inside ``manual_dir``: the extracted folder first, else the tar."""
+def _is_voc2012_folder(folder: Path) -> bool:
+    return (folder / "ImageSets").is_dir() or (folder / "JPEGImages").is_dir()
+
+
+def _source_path(manual_dir: str | os.PathLike) -> Path:
+    """Where VOC 2012 is, given a manual directory; a DatasetNotFoundError when it is not there.
+
+    Accepted, in this order: a tar file itself; a folder holding ``VOCdevkit/VOC2012``; a ``VOCdevkit``
+    folder (holding ``VOC2012``); the ``VOC2012`` folder itself (holding ``ImageSets`` / ``JPEGImages``);
+    a folder holding ``VOCtrainval_11-May-2012.tar``.
+    """
     manual_dir = Path(manual_dir).expanduser().resolve()
-    for folder in (manual_dir / "VOCdevkit" / "VOC2012", manual_dir / "VOC2012"):
-        if folder.is_dir():
-            return _FolderSource(folder)
+    if manual_dir.is_file():
+        return manual_dir
+    for folder in (manual_dir / "VOCdevkit" / "VOC2012", manual_dir / "VOC2012", manual_dir):
+        if folder.is_dir() and _is_voc2012_folder(folder):
+            return folder
     tar_path = manual_dir / VOC_TAR_NAME
     if tar_path.is_file():
-        return _TarSource(tar_path)
+        return tar_path
     raise _missing_source_error(manual_dir)
+
+
+def _find_source(manual_dir: str | os.PathLike) -> _FolderSource | _TarSource:
+    """Returns the VOC source at ``manual_dir`` (see :func:`_source_path`)."""
+    path = _source_path(manual_dir)
+    return _TarSource(path) if path.is_file() else _FolderSource(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,6 +376,9 @@ class ApjaxVoc2012(tfds.core.GeneratorBasedBuilder):
         f"Download {VOC_URL} and place {VOC_TAR_NAME} (or the extracted VOCdevkit/VOC2012 "
         f"folder) in the manual directory (<data_dir>/downloads/manual by default)."
     )
+    # Set by prepare_voc: the resolved tar or VOC2012 folder (tfds's manual_dir must be a folder, and the
+    # user may have given the tar itself).
+    voc_source: Path | None = None
 
     def _info(self) -> tfds.core.DatasetInfo:
         features = {
@@ -370,13 +400,16 @@ class ApjaxVoc2012(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        try:
-            manual_dir = dl_manager.manual_dir
-        except AssertionError:  # tfds: manual dir does not exist or is empty
-            manual_dir = getattr(dl_manager, "_manual_dir", None) or (
-                self.data_dir_root / "downloads" / "manual"
-            )
-            raise _missing_source_error(Path(manual_dir).expanduser().resolve()) from None
+        if self.voc_source is not None:
+            manual_dir = self.voc_source
+        else:
+            try:
+                manual_dir = dl_manager.manual_dir
+            except AssertionError:  # tfds: manual dir does not exist or is empty
+                manual_dir = getattr(dl_manager, "_manual_dir", None) or (
+                    self.data_dir_root / "downloads" / "manual"
+                )
+                raise _missing_source_error(Path(manual_dir).expanduser().resolve()) from None
         source = _find_source(manual_dir)
         try:
             if self.builder_config.name == "segmentation":
@@ -416,29 +449,34 @@ def _builder(data_dir: str | os.PathLike, config: str) -> ApjaxVoc2012:
     return ApjaxVoc2012(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
 
 
-def prepare_voc(data_dir: str | os.PathLike, manual_dir: str | os.PathLike | None = None) -> None:
+def prepare_voc(data_dir: str | os.PathLike, manual_dir: str | os.PathLike | None = None) -> dict[str, int]:
     """Builds both configs into data_dir (array_record); a no-op when already prepared.
 
-    ``manual_dir`` (default ``<data_dir>/downloads/manual``) must hold ``VOCtrainval_11-May-2012.tar``
-    or the extracted ``VOCdevkit/VOC2012`` (or ``VOC2012``) folder. A failed preparation leaves no
-    prepared version directory behind (tfds writes into a temporary folder and renames it at the
-    end), so running it again starts over.
+    ``manual_dir`` (default ``<data_dir>/downloads/manual``) is any of: the ``VOCtrainval_11-May-2012.tar``
+    file itself, a folder holding it, the extracted ``VOCdevkit`` or ``VOCdevkit/VOC2012`` folder, or a
+    folder holding ``VOCdevkit``. A failed preparation leaves no prepared version directory behind (tfds
+    writes into a temporary folder and renames it at the end), so running it again starts over.
+
+    Returns:
+      the number of images of each split: ``{"train": ..., "val": ..., "segmentation_val": ...}``.
     """
     data_dir = Path(data_dir).expanduser().resolve()
     manual = Path(manual_dir) if manual_dir is not None else data_dir / "downloads" / "manual"
     manual = manual.expanduser().resolve()
     builders = [_builder(data_dir, cfg.name) for cfg in ApjaxVoc2012.BUILDER_CONFIGS]
     todo = [b for b in builders if not b.is_prepared()]
-    if not todo:
-        return
-    _find_source(manual)  # fail early, before tfds creates any folder
-    config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual))
-    for builder in todo:
-        try:
-            builder.download_and_prepare(download_config=config)
-        except BaseException:
-            _remove_empty_dirs(builder.data_path.parent, stop=data_dir)
-            raise
+    if todo:
+        source = _source_path(manual)  # fail early, before tfds creates any folder
+        folder = source.parent if source.is_file() else source
+        config = tfds.download.DownloadConfig(manual_dir=os.fspath(folder))
+        for builder in todo:
+            builder.voc_source = source
+            try:
+                builder.download_and_prepare(download_config=config)
+            except BaseException:
+                _remove_empty_dirs(builder.data_path.parent, stop=data_dir)
+                raise
+    return {name: len(load_voc_split(data_dir, name)) for name in _SPLITS}
 
 
 def _remove_empty_dirs(path: Path, stop: Path) -> None:
@@ -468,8 +506,9 @@ def load_voc_split(data_dir: str | os.PathLike, split: str):
     if not builder.is_prepared():
         raise DatasetNotFoundError(
             f"PASCAL VOC 2012 ({config}) is not prepared in {data_dir}: run "
-            f"apjax.data.voc.prepare_voc({os.fspath(data_dir)!r}) first, with {VOC_TAR_NAME} "
-            f"(from {VOC_URL}) in {data_dir / 'downloads' / 'manual'}, or use the built-in synthetic "
-            "benchmark instead (config argument data=synthetic, as in configs/vgg16_kd.py:data=synthetic)."
+            f"python -m apjax.data.prepare --manual_dir /path/to/{VOC_TAR_NAME} --data_dir {data_dir} "
+            f"(or apjax.data.voc.prepare_voc({os.fspath(data_dir)!r}, manual_dir)) first, with the tar from "
+            f"{VOC_URL}, or use the built-in synthetic benchmark instead (config argument data=synthetic, "
+            "as in configs/vgg16_kd.py:data=synthetic)."
         )
     return builder.as_data_source(split=tfds_split)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from apjax.models.taps import tap_gradients, tap_shapes, top1_seed
 from apjax.models.vgg import (
+    INITS,
     VGG,
     VGG16_WIDTHS,
     check_input_size,
@@ -58,13 +59,19 @@ def create_model(
     num_classes: int = 20,
     dtype: Any = jnp.float32,
     dropout_rate: float = 0.5,
+    init: str = "pytorch_default",
 ) -> VGG:
-    """A :class:`VGG` from a variant name (``'vgg16/8'``) or an explicit widths list."""
+    """A :class:`VGG` from a variant name (``'vgg16/8'``) or an explicit widths list; ``init`` is the
+    weight initialisation, ``'pytorch_default'`` (the reference's) or ``'torchvision'``."""
     widths = variant_widths(model) if isinstance(model, str) else tuple(model)
     for w in widths:
         if w != "M" and (not isinstance(w, int) or w < 1):
             raise ValueError(f"widths must be positive integers or 'M', got {w!r} in {widths}.")
-    return VGG(widths=widths, num_classes=num_classes, dtype=dtype, dropout_rate=dropout_rate)
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of {list(INITS)}.")
+    return VGG(
+        widths=widths, num_classes=num_classes, dtype=dtype, dropout_rate=dropout_rate, weight_init=init
+    )
 
 
 def init_variables(model: VGG, key: jax.Array, image_size: int) -> dict[str, Any]:
@@ -81,6 +88,7 @@ def count_params(params: Any) -> int:
 
 
 __all__ = [
+    "INITS",
     "VARIANTS",
     "VGG",
     "VGG16_WIDTHS",

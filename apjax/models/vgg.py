@@ -24,16 +24,45 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 VGG16_WIDTHS: tuple = (
     64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
 )  # fmt: skip
 
-# torchvision initialisation of VGG: kaiming normal (fan_out, ReLU) convs with zero bias, BN scale 1 and
-# bias 0, Linear N(0, 0.01) with zero bias.
-_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-_dense_init = nn.initializers.normal(stddev=0.01)
+# Two initialisations (SPEC section 2); BN scale 1 and bias 0 in both.
+# - "pytorch_default": what torch's Conv2d and Linear do when nothing re-initialises them, as in the
+#   reference's VGG class (its students and the teacher's new head): weights kaiming_uniform(a=sqrt(5)),
+#   i.e. U(-b, b) with b = sqrt(6 / ((1 + 5) * fan_in)) = 1 / sqrt(fan_in), and biases U(-b, b) too.
+# - "torchvision": torchvision's VGG init: kaiming normal (fan_out, ReLU) convs with zero bias, Linear
+#   N(0, 0.01) with zero bias.
+INITS = ("pytorch_default", "torchvision")
+
+
+def _uniform_bias(fan_in: int):
+    """torch's default bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / float(fan_in) ** 0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def layer_inits(init: str, fan_in: int, kind: str) -> dict[str, Any]:
+    """``kernel_init`` and ``bias_init`` of a conv (``kind='conv'``) or the head (``'dense'``) under
+    ``init``; ``fan_in`` is the layer's inputs per output (3 * 3 * C_in for a conv)."""
+    if init == "pytorch_default":
+        return {
+            "kernel_init": nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
+            "bias_init": _uniform_bias(fan_in),
+        }
+    if init == "torchvision":
+        if kind == "conv":
+            return {"kernel_init": nn.initializers.variance_scaling(2.0, "fan_out", "normal")}
+        return {"kernel_init": nn.initializers.normal(stddev=0.01)}
+    raise ValueError(f"unknown init {init!r}; choose one of {list(INITS)}.")
 
 
 def tap_names(widths: Sequence[int | str]) -> tuple[str, ...]:
@@ -81,12 +110,14 @@ class VGG(nn.Module):
       num_classes: outputs of the head (20 for VOC).
       dropout_rate: dropout before the head (0.5 in the paper).
       dtype: computation dtype (``jnp.bfloat16`` for mixed precision); parameters stay float32.
+      weight_init: ``'pytorch_default'`` (the reference's) or ``'torchvision'`` (see :data:`INITS`).
     """
 
     widths: Sequence[int | str] = VGG16_WIDTHS
     num_classes: int = 20
     dropout_rate: float = 0.5
     dtype: Any = jnp.float32
+    weight_init: str = "pytorch_default"
 
     @nn.compact
     def __call__(
@@ -130,7 +161,8 @@ class VGG(nn.Module):
             if w == "M":
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
             else:
-                x = nn.Conv(int(w), (3, 3), padding=1, kernel_init=_conv_init, dtype=self.dtype, name=name)(x)
+                inits = layer_inits(self.weight_init, 9 * x.shape[-1], "conv")
+                x = nn.Conv(int(w), (3, 3), padding=1, dtype=self.dtype, name=name, **inits)(x)
                 x = nn.BatchNorm(
                     use_running_average=not train,
                     momentum=0.9,  # torch's momentum 0.1
@@ -142,6 +174,7 @@ class VGG(nn.Module):
             x = tap(name, x)
         x = x.reshape(x.shape[0], -1)  # (H, W, C) order
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        logits = nn.Dense(self.num_classes, kernel_init=_dense_init, dtype=self.dtype, name="head")(x)
+        inits = layer_inits(self.weight_init, x.shape[-1], "dense")
+        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head", **inits)(x)
         # float32 logits under bfloat16 computation; float64 stays float64 (finite-difference tests).
         return logits.astype(jnp.promote_types(self.dtype, jnp.float32)), acts
