@@ -71,7 +71,12 @@ RESUMABLE_CHANGES = (
 )
 # Config fields added after runs were saved, with the value those runs had: a config (saved or new)
 # without one is compared as if it held that value, so older workdirs still resume.
-ADDED_FIELDS = {"best_metric": "mAP"}
+ADDED_FIELDS = {
+    "best_metric": "mAP",
+    "model_init": "torchvision",
+    "from_scratch": False,
+    "distill.kd_log_eps": 0.0,
+}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,10 +1,14 @@
 r"""The paper's whole experiment as one sweep (apjax.experiment): teacher, distillation and pruning runs,
 evaluation and a report with the paper's tables.
 
-  python train.py --config configs/paper.py:demo --workdir workdirs/demo     # about 8 minutes on 2 CPU cores
+  python train.py --config configs/paper.py:demo --workdir workdirs/demo     # 5 to 8 minutes on 2 CPU cores
   python train.py --config configs/paper.py:small --workdir workdirs/sweep_small   # hours on a CPU
   python train.py --config configs/paper.py --workdir workdirs/paper \
       --config.teacher.init_from=/path/to/vgg16_bn.pth                      # VOC, SPEC's full recipes
+
+The paper variant refuses a teacher without ImageNet weights (``--config.teacher.init_from``; or
+``--config.teacher.from_scratch=True`` on purpose) and picks every best checkpoint by the reference's
+per-image AP.
 
 Variants (after the colon): ``demo`` (synthetic benchmark, a VGG16/8 teacher and its x2 student with and
 without SSWA: the story in minutes), ``small`` (the CPU-sized variant of every config: all students and

@@ -7,7 +7,8 @@ paper's Table 2):
       --config.init_from=/path/to/vgg16_bn.pth
 
 On this laptop-sized synthetic benchmark (64x64 crops of 72x72 images, 10 classes, VGG16/4 widths; 10 to
-14 minutes on 2 CPU cores; expect a val mAP around 65%, far above the ~15% of chance; measured 64.8):
+14 minutes on 2 CPU cores; expect a val mAP around 65%, far above the ~15% of chance; measured 64.8 with
+--config.model_init=torchvision, the default before the reference's init became it):
 
   python train.py --config configs/teacher_vgg16.py:data=synthetic,small --workdir workdirs/teacher_small
 
