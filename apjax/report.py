@@ -333,7 +333,8 @@ def plot_against_params(root: Path, stages, results: dict) -> list[str]:
         ax.set_xlabel("non-zero parameters (head included)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a plot without a finite point has nothing to label
+            ax.legend(fontsize=7)
         fig.tight_layout()
         path = out / f"{metric}_vs_params.png"
         tmp = path.with_name(f".{path.name}.tmp.png")
