@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from apjax.models.torch_import import take_entry
 from apjax.models.vgg import INITS, layer_inits
 
 # depth -> (block kind, blocks per stage); the stage base widths are 64, 128, 256, 512.
@@ -235,8 +236,6 @@ def import_torchvision_resnet(
     statistics. Shortcut convs are taken where the model has them. The head stays new unless
     ``head_prefix`` (``'fc'``) is given; every shape must match (one-sentence ``ValueError`` otherwise).
     """
-    from apjax.models.torch_import import _take  # the one shape-checked reader of a state-dict entry
-
     params = jax.tree.map(np.asarray, dict(variables["params"]))
     stats = jax.tree.map(np.asarray, dict(variables["batch_stats"]))
 
@@ -253,18 +252,21 @@ def import_torchvision_resnet(
         k = p["conv"]["kernel"].shape  # (kh, kw, in, out)
         c = (k[3],)
         p["conv"] = {
-            "kernel": _take(state_dict, f"{conv}.weight", (k[3], k[2], k[0], k[1])).transpose(2, 3, 1, 0)
+            "kernel": take_entry(state_dict, f"{conv}.weight", (k[3], k[2], k[0], k[1])).transpose(2, 3, 1, 0)
         }
-        p["bn"] = {"scale": _take(state_dict, f"{bn}.weight", c), "bias": _take(state_dict, f"{bn}.bias", c)}
+        p["bn"] = {
+            "scale": take_entry(state_dict, f"{bn}.weight", c),
+            "bias": take_entry(state_dict, f"{bn}.bias", c),
+        }
         st["bn"] = {
-            "mean": _take(state_dict, f"{bn}.running_mean", c),
-            "var": _take(state_dict, f"{bn}.running_var", c),
+            "mean": take_entry(state_dict, f"{bn}.running_mean", c),
+            "var": take_entry(state_dict, f"{bn}.running_var", c),
         }
     if head_prefix is not None:
         fan_in, k = params["head"]["kernel"].shape
         params["head"] = {
-            "kernel": _take(state_dict, f"{head_prefix}.weight", (k, fan_in)).T,
-            "bias": _take(state_dict, f"{head_prefix}.bias", (k,)),
+            "kernel": take_entry(state_dict, f"{head_prefix}.weight", (k, fan_in)).T,
+            "bias": take_entry(state_dict, f"{head_prefix}.bias", (k,)),
         }
     to_jax = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), t)  # noqa: E731
     return {"params": to_jax(params), "batch_stats": to_jax(stats)}

@@ -262,11 +262,12 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     return sd
 
 
-def _take(sd: Mapping[str, np.ndarray], key: str, shape: tuple[int, ...]) -> np.ndarray:
+def take_entry(sd: Mapping[str, np.ndarray], key: str, shape: tuple[int, ...]) -> np.ndarray:
+    """``sd[key]`` as float32 of exactly ``shape``; one-sentence errors for a missing key or another shape."""
     if key not in sd:
         raise KeyError(
             f"the state dict has no {key!r}; it does not match this model's widths "
-            "(a torchvision vgg16_bn-layout state dict is expected)."
+            "(a torchvision state dict of the same architecture is expected)."
         )
     value = np.asarray(sd[key], np.float32)
     if value.shape != shape:
@@ -304,17 +305,17 @@ def import_torchvision_vgg_bn(
         oihw = (k[3], k[2], k[0], k[1])
         c = (k[3],)
         params[name] = {
-            "kernel": _take(state_dict, f"features.{idx}.weight", oihw).transpose(2, 3, 1, 0),
-            "bias": _take(state_dict, f"features.{idx}.bias", c),
+            "kernel": take_entry(state_dict, f"features.{idx}.weight", oihw).transpose(2, 3, 1, 0),
+            "bias": take_entry(state_dict, f"features.{idx}.bias", c),
         }
         bn = f"features.{idx + 1}"
         params[f"{name}_bn"] = {
-            "scale": _take(state_dict, f"{bn}.weight", c),
-            "bias": _take(state_dict, f"{bn}.bias", c),
+            "scale": take_entry(state_dict, f"{bn}.weight", c),
+            "bias": take_entry(state_dict, f"{bn}.bias", c),
         }
         stats[f"{name}_bn"] = {
-            "mean": _take(state_dict, f"{bn}.running_mean", c),
-            "var": _take(state_dict, f"{bn}.running_var", c),
+            "mean": take_entry(state_dict, f"{bn}.running_mean", c),
+            "var": take_entry(state_dict, f"{bn}.running_var", c),
         }
     if head_prefix is not None:
         fan_in, k = params["head"]["kernel"].shape
@@ -322,9 +323,9 @@ def import_torchvision_vgg_bn(
         side = int(round((fan_in // channels) ** 0.5))
         if side * side * channels != fan_in:
             raise ValueError(f"the head's input size {fan_in} is not C x H x H for C={channels}.")
-        w = _take(state_dict, f"{head_prefix}.weight", (k, fan_in))
+        w = take_entry(state_dict, f"{head_prefix}.weight", (k, fan_in))
         # torch rows are (C, H, W)-ordered; apjax rows are (H, W, C)-ordered.
         w = w.reshape(k, channels, side, side).transpose(2, 3, 1, 0).reshape(fan_in, k)
-        params["head"] = {"kernel": w, "bias": _take(state_dict, f"{head_prefix}.bias", (k,))}
+        params["head"] = {"kernel": w, "bias": take_entry(state_dict, f"{head_prefix}.bias", (k,))}
     to_jax = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), t)  # noqa: E731
     return {"params": to_jax(params), "batch_stats": to_jax(stats)}
