@@ -19,7 +19,7 @@ base loss, so all matching options carry over.
   command is run again, an unfinished one resumes from its last checkpoint.
 - **Structured** (``config.prune.ratio``, ``config.prune.pattern``): one-shot L1-norm filter pruning and
   surgery (:mod:`apjax.compress.structured`); the pruned widths are saved in ``<workdir>/model.json``,
-  which :func:`apjax.eval_lib.load_workdir_config` reads, so ``eval.py`` loads the smaller net.
+  which :func:`apjax.trainer.files.load_workdir_config` reads, so ``eval.py`` loads the smaller net.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from apjax import train_lib
 from apjax.compress.distill import (
     MATCHING_METHODS,
     SimilarityEval,
@@ -53,33 +52,38 @@ from apjax.compress.unstructured import (
 )
 from apjax.data.cache import HostCache
 from apjax.data.pipeline import TrainBatches
+from apjax.errors import ConfigError, MissingFileError
 from apjax.models import conv_names, count_params, create_model, variant_widths, widths_string
+from apjax.trainer.checkpoints import Checkpoints, round_dir
+from apjax.trainer.config import PRECISIONS, build_model
+from apjax.trainer.evaluation import CLASSIFICATION_PERCENT
+from apjax.trainer.files import prepare_workdir, sync_processes, write_json_atomic
+from apjax.trainer.loop import Task, run_training
+from apjax.trainer.metrics_log import format_table
+from apjax.trainer.optim import create_learning_rate_fn, create_optimizer
+from apjax.trainer.state import TrainState, mask_params
 
 METHODS = ("naive", *MATCHING_METHODS)
 MODEL_FILE = "model.json"
 
 
-def round_dir(workdir: Path, round_index: int) -> Path:
-    """The workdir of unstructured pruning round ``round_index`` (1-based)."""
-    return Path(workdir) / f"round_{round_index:02d}"
-
-
-def validate_prune_config(config: ml_collections.ConfigDict) -> None:
-    """Raises ``ValueError`` (one sentence) for a bad ``config.prune`` or ``config.distill`` value."""
+def validate_prune_config(config: ml_collections.ConfigDict, structured: bool) -> None:
+    """Raises ``ConfigError`` (one sentence) for a bad ``config.prune`` or ``config.distill`` value of
+    structured (``ratio``, ``pattern``) or unstructured (``rounds``, ``rate``) pruning."""
     validate_distill_config(config, METHODS)
     p = config.prune
-    if config.task == "prune_unstructured":
+    if not structured:
         if not isinstance(p.rounds, int) or p.rounds < 1:
-            raise ValueError(f"config.prune.rounds must be a positive integer, got {p.rounds!r}.")
+            raise ConfigError(f"config.prune.rounds must be a positive integer, got {p.rounds!r}.")
         if not 0 < p.rate < 1:
-            raise ValueError(f"config.prune.rate must be in (0, 1), got {p.rate!r}.")
+            raise ConfigError(f"config.prune.rate must be in (0, 1), got {p.rate!r}.")
     else:
         if not 0 <= p.ratio < 1:
-            raise ValueError(f"config.prune.ratio must be in [0, 1), got {p.ratio!r}.")
+            raise ConfigError(f"config.prune.ratio must be in [0, 1), got {p.ratio!r}.")
         n = len(conv_names(variant_widths(config.model)))
         pattern = tuple(p.pattern)
         if len(pattern) != n or any(x not in (0, 1) for x in pattern):
-            raise ValueError(
+            raise ConfigError(
                 f"config.prune.pattern must hold one 0 or 1 per conv ({n} for {config.model}), got {pattern}."
             )
 
@@ -87,17 +91,17 @@ def validate_prune_config(config: ml_collections.ConfigDict) -> None:
 def _check_teacher_model(config: ml_collections.ConfigDict) -> None:
     tc = teacher_config(config)
     if variant_widths(tc.model) != variant_widths(config.model):
-        raise ValueError(
+        raise ConfigError(
             f"config.model ({config.model}) is not the teacher's model ({tc.model}); pruning starts from the "
             f"teacher's weights, so set --config.model={tc.model}."
         )
 
 
-def fresh_state(params, batch_stats, tx, key: jax.Array, masks=None) -> train_lib.TrainState:
+def fresh_state(params, batch_stats, tx, key: jax.Array, masks=None) -> TrainState:
     """Step 0 with a fresh optimizer. Copies the arrays: the train step donates its state, which must
     not share buffers with the teacher's variables (round 1 starts from them)."""
     params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
-    return train_lib.TrainState(
+    return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=jax.tree.map(lambda x: jnp.array(x, copy=True), batch_stats),
@@ -122,10 +126,10 @@ def parameter_counts(params: Any) -> dict[str, Any]:
     }
 
 
-def _task(config, student, teacher, teacher_vars, tx, lr_fn, mesh, init_state, steps=None) -> train_lib.Task:
+def _task(config, student, teacher, teacher_vars, tx, lr_fn, mesh, init_state, steps=None) -> Task:
     """A pruning run's Task; ``steps`` = (train step, evaluation) to reuse compiled steps across rounds."""
     step, evaluate = steps or _steps(config, student, teacher, teacher_vars, tx, lr_fn, mesh)
-    return train_lib.Task(
+    return Task(
         init_state=init_state,
         train_step=lambda state, batch: step(state, teacher_vars, batch),
         evaluate=evaluate,
@@ -146,7 +150,7 @@ def _steps(config, student, teacher, teacher_vars, tx, lr_fn, mesh):
 
 def structured_task(
     config: ml_collections.ConfigDict, num_classes: int, mesh: Mesh, lr_fn: optax.Schedule, workdir: Path
-) -> train_lib.Task:
+) -> Task:
     """The ``prune_structured`` task: L1 filter pruning of the teacher, surgery, then fine-tuning."""
     _check_teacher_model(config)
     teacher, teacher_vars = load_teacher(config, mesh)
@@ -164,14 +168,14 @@ def structured_task(
             "params": count_params(pruned["params"]),
             "teacher_params": count_params(teacher_vars["params"]),
         }
-        train_lib.write_json_atomic(Path(workdir) / MODEL_FILE, info)
+        write_json_atomic(Path(workdir) / MODEL_FILE, info)
     student = create_model(
         model,
         num_classes=num_classes,
-        dtype=train_lib.PRECISIONS[config.precision],
+        dtype=PRECISIONS[config.precision],
         dropout_rate=config.dropout_rate,
     )
-    tx = train_lib.create_optimizer(config, lr_fn)
+    tx = create_optimizer(config, lr_fn)
     key = jax.random.split(jax.random.key(config.seed))[1]
     return _task(
         config, student, teacher, teacher_vars, tx, lr_fn, mesh,
@@ -184,14 +188,14 @@ def structured_task(
 # ------------------------------------------------------------------------------------------------
 
 
-def _restore_last(workdir: Path, mesh: Mesh, template: train_lib.TrainState) -> train_lib.TrainState:
-    checkpoints = train_lib.Checkpoints(workdir)
+def _restore_last(workdir: Path, mesh: Mesh, template: TrainState) -> TrainState:
+    checkpoints = Checkpoints(workdir)
     try:
-        restored = train_lib.Checkpoints.restore(checkpoints.latest, template)
+        restored = Checkpoints.restore(checkpoints.latest, template)
     finally:
         checkpoints.close()
     if restored is None:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{workdir} has final_metrics.json but no checkpoint; delete {workdir} to run that round again."
         )
     return jax.device_put(restored[0], NamedSharding(mesh, PartitionSpec()))
@@ -205,12 +209,12 @@ def train_unstructured(
     _check_teacher_model(config)
     teacher, teacher_vars = load_teacher(config, mesh)
     num_classes = data["train"].num_classes
-    student = train_lib.build_model(config, num_classes)
+    student = build_model(config, num_classes)
     base_key = jax.random.key(config.seed)
     # One schedule, optimizer and compiled step for all rounds (each round starts a fresh optimizer state).
     spe = TrainBatches(data["train"], config.batch_size, seed=config.seed, mesh=mesh).steps_per_epoch
-    lr_fn = train_lib.create_learning_rate_fn(config, spe)
-    tx = train_lib.create_optimizer(config, lr_fn)
+    lr_fn = create_learning_rate_fn(config, spe)
+    tx = create_optimizer(config, lr_fn)
     steps = _steps(config, student, teacher, teacher_vars, tx, lr_fn, mesh)
     previous = None  # the last state of the previous round (round 1 starts from the teacher)
     summary_rows, per_round = {}, []
@@ -225,18 +229,18 @@ def train_unstructured(
 
         def init_state(params=params, stats=stats, old_masks=old_masks, sparsity=sparsity, r=r):
             masks = global_magnitude_masks(params, sparsity, old_masks)
-            pruned = train_lib.mask_params(params, masks)
+            pruned = mask_params(params, masks)
             return fresh_state(pruned, stats, tx, jax.random.fold_in(base_key, r), masks)
 
         task = _task(config, student, teacher, teacher_vars, tx, lr_fn, mesh, init_state, steps)
         final_path = rdir / "final_metrics.json"
         if not final_path.exists():
-            train_lib.prepare_workdir(rdir, config)
+            prepare_workdir(rdir, config)
             desc = f"round {r}/{config.prune.rounds}"
-            train_lib.run_training(config, rdir, task, data, batches, mesh, desc=desc)
+            run_training(config, rdir, task, data, batches, mesh, desc=desc)
         elif jax.process_index() == 0:
             print(f"Round {r} is finished ({final_path}); skipping it.")
-        train_lib.sync_processes(f"apjax round {r}")  # process 0 wrote final_metrics.json
+        sync_processes(f"apjax round {r}")  # process 0 wrote final_metrics.json
         template = fresh_state(params, stats, tx, base_key, all_kept_masks(params))
         previous = _restore_last(rdir, mesh, template)
         done = json.loads(final_path.read_text())
@@ -246,9 +250,9 @@ def train_unstructured(
         summary_rows[f"round {r} ({100 * row['conv_sparsity']:.1f}% conv zero)"] = done["val"]
     if jax.process_index() == 0:
         final = per_round[-1]
-        train_lib.write_json_atomic(
+        write_json_atomic(
             workdir / "final_metrics.json",
             {"val": final["val"], "rounds": per_round, **{k: v for k, v in final.items() if k != "val"}},
         )
-        print(train_lib.format_table(summary_rows, percent=train_lib.CLASSIFICATION_PERCENT))
+        print(format_table(summary_rows, percent=CLASSIFICATION_PERCENT))
     return per_round[-1]["val"]
