@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from apjax.compress import distill
 from apjax.data.pipeline import TrainBatches, data_mesh
 from apjax.models import create_model, init_variables
+from apjax.tasks import distill as distill_task
 from apjax.tasks import validate_config
 from apjax.trainer.config import load_data
 from apjax.trainer.optim import create_learning_rate_fn
@@ -44,7 +45,7 @@ def test_one_distill_step_per_method(teacher_dir, method):
     mesh = data_mesh()
     cache = load_data(c, splits=("train",))["train"]
     lr_fn = create_learning_rate_fn(c, 3)
-    task = distill.distill_task(c, cache.num_classes, mesh, lr_fn)
+    task = distill_task.build(c, cache.num_classes, mesh, lr_fn)
     state = jax.device_put(task.init_state(), NamedSharding(mesh, PartitionSpec()))
     teacher_before = jax.device_get(distill.load_teacher(c, mesh)[1])
     saved = sorted(p.name for p in (teacher_dir / "checkpoints" / "best").iterdir() if p.name.isdigit())

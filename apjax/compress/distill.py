@@ -41,16 +41,12 @@ from apjax.data.pipeline import batch_sharding, eval_batches
 from apjax.errors import ConfigError, MissingFileError
 from apjax.models import create_model, tap_gradients, tap_names, top1_seed
 from apjax.trainer.checkpoints import restore_state
-from apjax.trainer.config import PRECISIONS, build_model, num_classes_of
+from apjax.trainer.config import PRECISIONS, num_classes_of
 from apjax.trainer.evaluation import classification_summary, valid_rows
 from apjax.trainer.files import load_workdir_config
-from apjax.trainer.loop import Task
-from apjax.trainer.optim import create_optimizer
 from apjax.trainer.state import (
     TrainState,
-    abstract_train_state,
     apply_gradients,
-    create_train_state,
     step_keys,
 )
 
@@ -382,19 +378,3 @@ class SimilarityEval:
         m = classification_summary(logits, cache.labels)
         m["map_cos"] = float(np.mean(cos))
         return m
-
-
-def distill_task(
-    config: ml_collections.ConfigDict, num_classes: int, mesh: Mesh, lr_fn: optax.Schedule
-) -> Task:
-    """The ``distill`` task for the common training loop."""
-    teacher, teacher_vars = load_teacher(config, mesh)
-    student = build_model(config, num_classes)
-    tx = create_optimizer(config, lr_fn)
-    step = make_distill_step(student, teacher, tx, lr_fn, config, mesh)
-    return Task(
-        init_state=lambda: create_train_state(config, student, tx),
-        abstract_init=lambda sharding: abstract_train_state(config, student, tx, sharding),
-        train_step=lambda state, batch: step(state, teacher_vars, batch),
-        evaluate=SimilarityEval(student, teacher, teacher_vars, config, mesh),
-    )

@@ -1,4 +1,5 @@
-"""Attribution-preserving pruning (SPEC section 6): the ``prune_unstructured`` and ``prune_structured`` tasks.
+"""Attribution-preserving pruning (SPEC section 6): what the ``prune_unstructured`` and ``prune_structured``
+tasks (:mod:`apjax.tasks.prune_unstructured`, :mod:`apjax.tasks.prune_structured`) share.
 
 Both start from a trained teacher (``config.distill.teacher_workdir``, its ``teacher_checkpoint``) and
 fine-tune the pruned net with
@@ -24,44 +25,27 @@ base loss, so all matching options carry over.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from apjax.compress.distill import (
     MATCHING_METHODS,
     SimilarityEval,
-    load_teacher,
     make_distill_step,
     teacher_config,
     validate_distill_config,
 )
-from apjax.compress.structured import l1_filter_keep, layer_ratios, surgery
 from apjax.compress.unstructured import (
-    all_kept_masks,
     count_nonzero_params,
     count_zero_conv_weights,
-    global_magnitude_masks,
-    round_sparsity,
 )
-from apjax.data.cache import HostCache
-from apjax.data.pipeline import TrainBatches
-from apjax.errors import ConfigError, MissingFileError
-from apjax.models import conv_names, count_params, create_model, variant_widths, widths_string
-from apjax.trainer.checkpoints import Checkpoints, round_dir
-from apjax.trainer.config import PRECISIONS, build_model
-from apjax.trainer.evaluation import CLASSIFICATION_PERCENT
-from apjax.trainer.files import prepare_workdir, sync_processes, write_json_atomic
-from apjax.trainer.loop import Task, run_training
-from apjax.trainer.metrics_log import format_table
-from apjax.trainer.optim import create_learning_rate_fn, create_optimizer
-from apjax.trainer.state import TrainState, mask_params
+from apjax.errors import ConfigError
+from apjax.models import conv_names, count_params, variant_widths
+from apjax.trainer.loop import Task
+from apjax.trainer.state import TrainState
 
 METHODS = ("naive", *MATCHING_METHODS)
 MODEL_FILE = "model.json"
@@ -88,7 +72,7 @@ def validate_prune_config(config: ml_collections.ConfigDict, structured: bool) -
             )
 
 
-def _check_teacher_model(config: ml_collections.ConfigDict) -> None:
+def check_teacher_model(config: ml_collections.ConfigDict) -> None:
     tc = teacher_config(config)
     if variant_widths(tc.model) != variant_widths(config.model):
         raise ConfigError(
@@ -126,9 +110,9 @@ def parameter_counts(params: Any) -> dict[str, Any]:
     }
 
 
-def _task(config, student, teacher, teacher_vars, tx, lr_fn, mesh, init_state, steps=None) -> Task:
+def pruning_task(config, student, teacher, teacher_vars, tx, lr_fn, mesh, init_state, steps=None) -> Task:
     """A pruning run's Task; ``steps`` = (train step, evaluation) to reuse compiled steps across rounds."""
-    step, evaluate = steps or _steps(config, student, teacher, teacher_vars, tx, lr_fn, mesh)
+    step, evaluate = steps or pruning_steps(config, student, teacher, teacher_vars, tx, lr_fn, mesh)
     return Task(
         init_state=init_state,
         train_step=lambda state, batch: step(state, teacher_vars, batch),
@@ -137,122 +121,7 @@ def _task(config, student, teacher, teacher_vars, tx, lr_fn, mesh, init_state, s
     )
 
 
-def _steps(config, student, teacher, teacher_vars, tx, lr_fn, mesh):
+def pruning_steps(config, student, teacher, teacher_vars, tx, lr_fn, mesh):
     """The jitted fine-tuning step (BCE + beta * matching) and the evaluation against the teacher."""
     step = make_distill_step(student, teacher, tx, lr_fn, config, mesh, base_loss="bce")
     return step, SimilarityEval(student, teacher, teacher_vars, config, mesh)
-
-
-# ------------------------------------------------------------------------------------------------
-# Structured.
-# ------------------------------------------------------------------------------------------------
-
-
-def structured_task(
-    config: ml_collections.ConfigDict, num_classes: int, mesh: Mesh, lr_fn: optax.Schedule, workdir: Path
-) -> Task:
-    """The ``prune_structured`` task: L1 filter pruning of the teacher, surgery, then fine-tuning."""
-    _check_teacher_model(config)
-    teacher, teacher_vars = load_teacher(config, mesh)
-    widths = variant_widths(config.model)
-    ratios = layer_ratios(widths, config.prune.ratio, tuple(config.prune.pattern))
-    keep = l1_filter_keep(teacher_vars["params"], widths, ratios)
-    new_widths, pruned = surgery(teacher_vars, widths, keep)
-    model = widths_string(new_widths)
-    if jax.process_index() == 0:
-        info = {
-            "model": model,
-            "teacher_model": config.model,
-            "ratios": list(ratios),
-            "kept_filters": {name: len(k) for name, k in keep.items()},
-            "params": count_params(pruned["params"]),
-            "teacher_params": count_params(teacher_vars["params"]),
-        }
-        write_json_atomic(Path(workdir) / MODEL_FILE, info)
-    student = create_model(
-        model,
-        num_classes=num_classes,
-        dtype=PRECISIONS[config.precision],
-        dropout_rate=config.dropout_rate,
-    )
-    tx = create_optimizer(config, lr_fn)
-    key = jax.random.split(jax.random.key(config.seed))[1]
-    return _task(
-        config, student, teacher, teacher_vars, tx, lr_fn, mesh,
-        init_state=lambda: fresh_state(pruned["params"], pruned["batch_stats"], tx, key),
-    )  # fmt: skip
-
-
-# ------------------------------------------------------------------------------------------------
-# Unstructured.
-# ------------------------------------------------------------------------------------------------
-
-
-def _restore_last(workdir: Path, mesh: Mesh, template: TrainState) -> TrainState:
-    checkpoints = Checkpoints(workdir)
-    try:
-        restored = Checkpoints.restore(checkpoints.latest, template)
-    finally:
-        checkpoints.close()
-    if restored is None:
-        raise MissingFileError(
-            f"{workdir} has final_metrics.json but no checkpoint; delete {workdir} to run that round again."
-        )
-    return jax.device_put(restored[0], NamedSharding(mesh, PartitionSpec()))
-
-
-def train_unstructured(
-    config: ml_collections.ConfigDict, workdir: Path, data: dict[str, HostCache], mesh: Mesh
-) -> dict[str, float]:
-    """Runs (or continues) the rounds of iterative global magnitude pruning; returns the last round's
-    final val metrics and writes ``<workdir>/final_metrics.json`` with one row per round."""
-    _check_teacher_model(config)
-    teacher, teacher_vars = load_teacher(config, mesh)
-    num_classes = data["train"].num_classes
-    student = build_model(config, num_classes)
-    base_key = jax.random.key(config.seed)
-    # One schedule, optimizer and compiled step for all rounds (each round starts a fresh optimizer state).
-    spe = TrainBatches(data["train"], config.batch_size, seed=config.seed, mesh=mesh).steps_per_epoch
-    lr_fn = create_learning_rate_fn(config, spe)
-    tx = create_optimizer(config, lr_fn)
-    steps = _steps(config, student, teacher, teacher_vars, tx, lr_fn, mesh)
-    previous = None  # the last state of the previous round (round 1 starts from the teacher)
-    summary_rows, per_round = {}, []
-    for r in range(1, config.prune.rounds + 1):
-        rdir = round_dir(workdir, r)
-        sparsity = round_sparsity(r, config.prune.rate)
-        batches = TrainBatches(data["train"], config.batch_size, seed=config.seed + r, mesh=mesh)
-        if previous is None:
-            params, stats, old_masks = teacher_vars["params"], teacher_vars["batch_stats"], None
-        else:
-            params, stats, old_masks = previous.params, previous.batch_stats, previous.masks
-
-        def init_state(params=params, stats=stats, old_masks=old_masks, sparsity=sparsity, r=r):
-            masks = global_magnitude_masks(params, sparsity, old_masks)
-            pruned = mask_params(params, masks)
-            return fresh_state(pruned, stats, tx, jax.random.fold_in(base_key, r), masks)
-
-        task = _task(config, student, teacher, teacher_vars, tx, lr_fn, mesh, init_state, steps)
-        final_path = rdir / "final_metrics.json"
-        if not final_path.exists():
-            prepare_workdir(rdir, config)
-            desc = f"round {r}/{config.prune.rounds}"
-            run_training(config, rdir, task, data, batches, mesh, desc=desc)
-        elif jax.process_index() == 0:
-            print(f"Round {r} is finished ({final_path}); skipping it.")
-        sync_processes(f"apjax round {r}")  # process 0 wrote final_metrics.json
-        template = fresh_state(params, stats, tx, base_key, all_kept_masks(params))
-        previous = _restore_last(rdir, mesh, template)
-        done = json.loads(final_path.read_text())
-        counts = {k: done[k] for k in PARAMETER_COUNTS}
-        row = {"round": r, "target_sparsity": sparsity, **counts, "val": done["val"]}
-        per_round.append(row)
-        summary_rows[f"round {r} ({100 * row['conv_sparsity']:.1f}% conv zero)"] = done["val"]
-    if jax.process_index() == 0:
-        final = per_round[-1]
-        write_json_atomic(
-            workdir / "final_metrics.json",
-            {"val": final["val"], "rounds": per_round, **{k: v for k, v in final.items() if k != "val"}},
-        )
-        print(format_table(summary_rows, percent=CLASSIFICATION_PERCENT))
-    return per_round[-1]["val"]
