@@ -553,6 +553,20 @@ def test_disk_full_reported_by_tensorstore_names_the_file():
     assert cli.error_message(ValueError("x is wrong; do y.")) == "x is wrong; do y."
 
 
+def test_only_config_errors_non_finite_runs_and_a_full_disk_end_in_one_sentence():
+    from apjax.errors import ConfigError, MissingFileError, UnwritableError
+
+    assert cli.is_user_error(ConfigError("x is wrong; do y."))
+    assert cli.is_user_error(MissingFileError("no run in /w; train first."))
+    assert cli.is_user_error(FloatingPointError("training became non-finite by step 6."))
+    # Anything else is a bug (or the machine's failure) and keeps its traceback.
+    for bug in (ValueError("bad shape"), KeyError("conv9"), OSError("device lost"), ImportError("no x")):
+        assert not cli.is_user_error(bug), bug
+    # The variants are still the built-in errors the same mistakes raised before.
+    assert issubclass(MissingFileError, FileNotFoundError) and issubclass(UnwritableError, PermissionError)
+    assert issubclass(ConfigError, ValueError)
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad inputs (those not covered in test_voc.py, test_train.py, test_distill.py).
 # ------------------------------------------------------------------------------------------------

@@ -73,6 +73,7 @@ def validate_prune_config(config: ml_collections.ConfigDict, structured: bool) -
 
 
 def check_teacher_model(config: ml_collections.ConfigDict) -> None:
+    """Raises ``ConfigError`` unless ``config.model`` is the teacher's: pruning starts from its weights."""
     tc = teacher_config(config)
     if variant_widths(tc.model) != variant_widths(config.model):
         raise ConfigError(

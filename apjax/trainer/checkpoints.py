@@ -50,9 +50,11 @@ class Checkpoints:
         )
 
     def save_latest(self, state: TrainState, meta: dict) -> None:
+        """Saves ``state`` and ``meta`` (its ``step`` names it) as the latest checkpoint, in background."""
         self._save(self.latest, state, meta)
 
     def save_best(self, state: TrainState, meta: dict) -> None:
+        """Saves ``state`` and ``meta`` as the best checkpoint, replacing the previous best."""
         self._save(self.best, state, meta)
 
     @staticmethod
@@ -70,6 +72,7 @@ class Checkpoints:
         return restored["state"], dict(restored["meta"])
 
     def close(self) -> None:
+        """Waits for the saves in flight and closes both managers."""
         for m in (self.latest, self.best):
             m.wait_until_finished()
             m.close()

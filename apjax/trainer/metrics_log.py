@@ -20,6 +20,7 @@ class MetricsLog:
         self.enabled = jax.process_index() == 0
 
     def write(self, **row: Any) -> None:
+        """Appends one row (a JSON object with sorted keys) to the log."""
         if not self.enabled:
             return
         with self.path.open("a") as f:
