@@ -19,13 +19,17 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from apjax import cli, eval_lib, train_lib
+from apjax import cli, evaluation
+from apjax.localization_table import localization_table
+from apjax.trainer.checkpoints import CHECKPOINTS
+from apjax.trainer.evaluation import CLASSIFICATION_PERCENT
+from apjax.trainer.metrics_log import format_table
 
 config_flags.DEFINE_config_file("config", None, "Config file (default: the workdir's config.json).")
 flags.DEFINE_multi_string(
     "workdir", None, "A training run's directory; repeat for a teacher and its students."
 )
-flags.DEFINE_enum("checkpoint", "best", list(eval_lib.CHECKPOINTS), "Which checkpoint to evaluate.")
+flags.DEFINE_enum("checkpoint", "best", list(CHECKPOINTS), "Which checkpoint to evaluate.")
 flags.DEFINE_string("split", "val", "Split for classification metrics: train, val or segmentation_val.")
 flags.DEFINE_list("methods", [], "Attribution methods for localisation, e.g. gradcam,excitation_bp,lrp,rap.")
 flags.DEFINE_string(
@@ -48,7 +52,7 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize()
     try:
         if f.methods or len(f.workdir) > 1:
-            results = eval_lib.localization_report(
+            results = evaluation.localization_report(
                 f.workdir,
                 methods=tuple(f.methods or ["gradcam"]),
                 out_dir=f.out,
@@ -62,20 +66,20 @@ def main(argv: list[str]) -> None:
             if jax.process_index() == 0:
                 from apjax.attribution.methods import LABELS
 
-                print(eval_lib.localization_table(results, LABELS))
+                print(localization_table(results, LABELS))
                 out = f.out or os.path.join(f.workdir[0], "localization")
                 print(f"written to {out}/localization.json, localization.md and figures/")
             return
-        result = eval_lib.evaluate_workdir(f.workdir[0], f.checkpoint, f.split, config=f.config)
+        result = evaluation.evaluate_workdir(f.workdir[0], f.checkpoint, f.split, config=f.config)
     except Exception as e:  # a user's error (or a full disk) ends in one sentence
         if os.environ.get("APJAX_DEBUG") or not cli.is_user_error(e):
             raise
         message = cli.error_message(e, f.out or f.workdir[0])
         sys.exit(f"error: {message}\n(set APJAX_DEBUG=1 to see the traceback)")
     if jax.process_index() == 0:
-        metrics = {k: result[k] for k in (*train_lib.CLASSIFICATION_PERCENT, "bce")}
+        metrics = {k: result[k] for k in (*CLASSIFICATION_PERCENT, "bce")}
         name = f"{f.split} ({f.checkpoint}, step {result['step']})"
-        print(train_lib.format_table({name: metrics}, percent=train_lib.CLASSIFICATION_PERCENT))
+        print(format_table({name: metrics}, percent=CLASSIFICATION_PERCENT))
         print(f"written to {os.path.join(f.workdir[0], f'eval_{f.checkpoint}_{f.split}.json')}")
 
 

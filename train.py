@@ -14,7 +14,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from apjax import cli, train_lib
+from apjax import cli
+from apjax.tasks import train_and_evaluate
 
 config_flags.DEFINE_config_file("config", None, "Config file, with optional :ARGS.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
@@ -34,7 +35,7 @@ def main(argv: list[str]) -> None:
 
             run_sweep(config, flags.FLAGS.workdir)
         else:
-            train_lib.train_and_evaluate(config, flags.FLAGS.workdir)
+            train_and_evaluate(config, flags.FLAGS.workdir)
     except Exception as e:  # a user's error (or a full disk) ends in one sentence
         if os.environ.get("APJAX_DEBUG") or not cli.is_user_error(e):
             raise

@@ -2,8 +2,10 @@
 
 A user's mistake ends a command with one line, ``error: <sentence>``, that says what is wrong and what to
 do, instead of a traceback: a misspelled ``--config.FIELD`` override, a bad argument to the config file,
-any of :data:`apjax.train_lib.USER_ERRORS`, and a full disk (however deep in Orbax or tensorstore it was
-noticed).
+an :class:`apjax.errors.ConfigError` (bad config value, missing dataset or run, wrong workdir, mismatched
+checkpoint), a run that became non-finite (``FloatingPointError``, naming the last good checkpoint), and a
+full disk (however deep in Orbax or tensorstore it was noticed). Every other exception is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
@@ -16,10 +18,15 @@ from typing import Any
 
 from absl import flags
 
+from apjax.errors import ConfigError
+
+# The exceptions a command line prints as their one sentence: the user's mistakes, and a run that became
+# non-finite (its message names the last good checkpoint and what to change).
+USER_ERRORS = (ConfigError, FloatingPointError)
+
 # tensorstore (under Orbax) reports a full disk as RESOURCE_EXHAUSTED with the OS error's text and code.
 _DISK_FULL_MARKS = ("No space left on device", "os_error_code='28'")
 _WRITTEN_FILE = re.compile(r'(?:Failed writing|Error writing local file|Failed to write to): "([^"]+)"')
-_EXCEPTION_PREFIX = re.compile(r"^[\w.]*(Error|Exception): ")
 
 
 def disk_full_path(e: BaseException) -> str | None:
@@ -42,9 +49,7 @@ def disk_full_path(e: BaseException) -> str | None:
 
 
 def is_user_error(e: BaseException) -> bool:
-    """True for the errors a command line reports in one sentence: the user's to fix, or a full disk."""
-    from apjax.train_lib import USER_ERRORS
-
+    """True for the errors a command line reports in one sentence (:data:`USER_ERRORS`, or a full disk)."""
     return isinstance(e, USER_ERRORS) or disk_full_path(e) is not None
 
 
@@ -73,6 +78,17 @@ def _fields(config: Any, prefix: str = "") -> list[str]:
     return out
 
 
+def _load_config(argv: list[str], flag_values: flags.FlagValues) -> Any:
+    """The config that ``--config=F`` names, read again by the flag's own parser (None if it fails)."""
+    given = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+    if not given or "config" not in flag_values:
+        return None
+    try:
+        return flag_values["config"].parser.parse(given[-1])
+    except Exception:  # the config file itself fails: absl reports that
+        return None
+
+
 def _misspelled_override(
     e: BaseException, argv: list[str], flag_values: flags.FlagValues
 ) -> tuple[str | None, str | None]:
@@ -84,30 +100,35 @@ def _misspelled_override(
         return None, None
     overrides = [a[len("--config.") :].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
     config = flag_values["config"].value if "config" in flag_values else None
-    if config is not None:  # absl's unknown flag, with the config loaded: compare with its fields
+    if config is None and isinstance(e, AttributeError | KeyError):  # ml_collections, applying an override
+        config = _load_config(argv, flag_values)
+    if config is not None:  # compare the overrides with the config's own fields
         fields = _fields(config)
         for path in overrides:
             if path not in fields:
-                close = difflib.get_close_matches(path, fields, n=1)
-                return path, close[0] if close else None
+                parent, _, last = path.rpartition(".")  # a close name among the fields beside it
+                siblings = [f.rpartition(".")[2] for f in fields if f.rpartition(".")[0] == parent]
+                close = difflib.get_close_matches(last, siblings, n=1)
+                return path, (f"{parent}.{close[0]}" if parent else close[0]) if close else None
         return None, None
-    if isinstance(e, AttributeError | KeyError):  # ml_collections, while it applied the override
-        text = str(e)
-        hint = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
-        for path in overrides:
-            parent, _, last = path.rpartition(".")
-            if hint and hint.group(2) == last:
-                return path, f"{parent}.{hint.group(1)}" if parent else hint.group(1)
-            if re.search(rf"'{re.escape(last)}\\?'", text):
-                return path, None
     return None, None
 
 
-def _config_file_error(text: str) -> str:
-    """``flag --config=F: Error whilst parsing config file: <traceback>`` as ``--config=F: <last line>``."""
-    head = text.split(": Error whilst parsing config file", 1)[0].removeprefix("flag ")
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return f"{head}: {_EXCEPTION_PREFIX.sub('', lines[-1])}"
+def _config_file_failure(e: BaseException, argv: list[str]) -> str | None:
+    """``--config=F: <sentence>`` when ``e`` is absl's wrapper of an exception that the config file ``F``
+    raised (e.g. an unknown argument after the colon): that exception's own sentence, without the
+    traceback absl folds into its message. None when ``e`` wraps nothing."""
+    cause, seen = e, {id(e)}
+    while True:  # the innermost exception of the chain: the one the config file raised
+        inner = cause.__cause__ or cause.__context__
+        if inner is None or id(inner) in seen:
+            break
+        cause = inner
+        seen.add(id(cause))
+    if cause is e or not isinstance(e, flags.IllegalFlagValueError):
+        return None
+    given = [a for a in argv[1:] if a.startswith("--config=")]
+    return f"{given[-1] if given else '--config'}: {cause}"
 
 
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
@@ -127,7 +148,7 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
             sys.exit(f"error: --config.{unknown} names no field of the config; {hint}")
         if not isinstance(e, flags.Error):
             raise
-        text = str(e)
-        if "Error whilst parsing config file" in text and "Traceback" in text:
-            sys.exit(f"error: {_config_file_error(text)}")
-        sys.exit(f"error: {text}\nPass --helpshort or --helpfull to see help on flags.")
+        failure = _config_file_failure(e, argv)
+        if failure is not None:
+            sys.exit(f"error: {failure}")
+        sys.exit(f"error: {e}\nPass --helpshort or --helpfull to see help on flags.")

@@ -17,7 +17,7 @@ A sweep is a list of stages, each with its own workdir under one root:
 A training stage whose ``final_metrics.json`` exists is skipped, an unfinished one resumes from its last
 checkpoint, so an interrupted sweep continues when the command is run again. An evaluation stage is
 skipped when its report already covers the same finished runs (and was written in the current layout,
-``eval_lib.REPORT_FORMAT``). ``config.only`` (comma-separated glob
+``evaluation.REPORT_FORMAT``). ``config.only`` (comma-separated glob
 patterns over stage names, e.g. ``teacher,kd_x8_*``) runs a subset; ``eval`` and ``report`` then cover
 whatever runs are finished.
 """
@@ -25,7 +25,6 @@ whatever runs are finished.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import fnmatch
 import json
 import os
@@ -36,36 +35,16 @@ from typing import Any
 import jax
 import ml_collections
 
-from apjax import train_lib
+from apjax import evaluation
+from apjax.errors import ConfigError
 from apjax.models import variant_widths, widths_string
+from apjax.report import write_report
+from apjax.stages import Stage, is_finished, smallest_student
+from apjax.tasks import TASKS, train_and_evaluate, validate_config
+from apjax.trainer.files import prepare_workdir, sync_processes, write_json_atomic
 
-TRAIN_KINDS = ("teacher", "distill", "prune_unstructured", "prune_structured")
+TRAIN_KINDS = tuple(TASKS)  # the training stages' kinds: every registered task
 PRUNE_PREFIX = {"prune_unstructured": "prune_u", "prune_structured": "prune_s"}
-
-
-@dataclasses.dataclass
-class Stage:
-    """One step of a sweep.
-
-    Attributes:
-      name: the stage's workdir name under the sweep's root (and its name in ``config.only``).
-      kind: a training task (``teacher``, ``distill``, ``prune_unstructured``, ``prune_structured``),
-        ``eval``, ``eval_methods`` or ``report``.
-      method: the compression method (``kd``/``naive``, ``ewa``, ``swa``, ``sswa``), or ''.
-      student: the student size (``x2``, ``x4``, ``x8``) of a distillation stage, or ''.
-      config: the training config of a training stage (None otherwise).
-    """
-
-    name: str
-    kind: str
-    method: str = ""
-    student: str = ""
-    config: ml_collections.ConfigDict | None = None
-
-
-def smallest_student(students) -> str | None:
-    """The student with the largest width divisor (``x8`` of ``x2, x4, x8``), or None without students."""
-    return max(students, key=lambda x: int(x.lstrip("x")), default=None)
 
 
 def student_model(teacher_model: str, student: str) -> str:
@@ -111,13 +90,13 @@ def validate_sweep(config: ml_collections.ConfigDict, stages: list[Stage]) -> No
     for s in stages:
         if s.config is not None:
             try:
-                train_lib.validate_config(s.config)
-            except ValueError as e:
-                raise ValueError(f"stage {s.name}: {e}") from e
+                validate_config(s.config)
+            except ConfigError as e:
+                raise ConfigError(f"stage {s.name}: {e}") from e
     names = [s.name for s in stages]
     for pattern in _patterns(config.only):
         if not fnmatch.filter(names, pattern):
-            raise ValueError(
+            raise ConfigError(
                 f"config.only pattern {pattern!r} matches no stage; the stages are {', '.join(names)}."
             )
 
@@ -133,11 +112,6 @@ def selected(stages: list[Stage], only: str) -> list[Stage]:
     return [s for s in stages if any(fnmatch.fnmatch(s.name, p) for p in patterns)]
 
 
-def is_finished(root: Path, stage: Stage) -> bool:
-    """A training stage is finished when its ``final_metrics.json`` exists."""
-    return (root / stage.name / "final_metrics.json").exists()
-
-
 # ------------------------------------------------------------------------------------------------
 # Running.
 # ------------------------------------------------------------------------------------------------
@@ -150,7 +124,7 @@ def _log_stage(root: Path, name: str, **entry: Any) -> None:
     path = root / "stages.json"
     log = json.loads(path.read_text()) if path.exists() else {}
     log[name] = {**log.get(name, {}), **entry}
-    train_lib.write_json_atomic(path, log)
+    write_json_atomic(path, log)
 
 
 def _eval_runs(root: Path, stages: list[Stage], kind: str, config) -> list[Stage]:
@@ -163,8 +137,6 @@ def _eval_runs(root: Path, stages: list[Stage], kind: str, config) -> list[Stage
 
 
 def _run_eval(root: Path, stage: Stage, stages: list[Stage], config) -> str:
-    from apjax import eval_lib
-
     runs = _eval_runs(root, stages, stage.kind, config)
     if not runs or runs[0].name != "teacher":
         return "skipped: the teacher is not trained yet"
@@ -175,9 +147,9 @@ def _run_eval(root: Path, stage: Stage, stages: list[Stage], config) -> str:
     if done.exists():
         previous = json.loads(done.read_text())
         same = previous.get("run_order") == names and previous["methods"] == list(methods)
-        if same and previous.get("format") == eval_lib.REPORT_FORMAT:
+        if same and previous.get("format") == evaluation.REPORT_FORMAT:
             return "skipped: already covers these runs"
-    eval_lib.localization_report(
+    evaluation.localization_report(
         [root / n for n in names],
         methods=methods,
         out_dir=out,
@@ -193,7 +165,7 @@ def run_sweep(config: ml_collections.ConfigDict, root: str | os.PathLike) -> Pat
     stages = plan(config, root)
     validate_sweep(config, stages)
     # The sweep's config may grow (more stages) between invocations: each stage guards its own workdir.
-    train_lib.prepare_workdir(root, config, check=False)
+    prepare_workdir(root, config, check=False)
     chosen = selected(stages, config.only)
     is_main = jax.process_index() == 0
     report = root / "report.md"
@@ -206,7 +178,7 @@ def run_sweep(config: ml_collections.ConfigDict, root: str | os.PathLike) -> Pat
                 if is_main:
                     print(f"  finished earlier ({root / stage.name}); skipping it.")
                 continue
-            train_lib.train_and_evaluate(stage.config, root / stage.name)
+            train_and_evaluate(stage.config, root / stage.name)
             status = "trained"
         elif stage.kind in ("eval", "eval_methods"):
             status = _run_eval(root, stage, stages, config)
@@ -216,24 +188,9 @@ def run_sweep(config: ml_collections.ConfigDict, root: str | os.PathLike) -> Pat
                 continue  # the stage log keeps the run that did the work
         else:
             if is_main:
-                from apjax.report import write_report
-
                 write_report(config, root, stages)
                 print(f"  written to {report}")
             status = "written"
         _log_stage(root, stage.name, status=status, seconds=round(time.perf_counter() - t0, 1))
-        train_lib.sync_processes(f"apjax stage {stage.name}")
+        sync_processes(f"apjax stage {stage.name}")
     return report
-
-
-def stage_results(root: Path, stages: list[Stage]) -> dict[str, dict]:
-    """What the report reads: each finished training stage's final metrics and both eval reports."""
-    out: dict[str, Any] = {"final": {}, "eval": None, "eval_methods": None}
-    for s in stages:
-        if s.config is not None and is_finished(root, s):
-            out["final"][s.name] = json.loads((root / s.name / "final_metrics.json").read_text())
-    for name in ("eval", "eval_methods"):
-        path = root / name / "localization.json"
-        if path.exists():
-            out[name] = json.loads(path.read_text())
-    return out

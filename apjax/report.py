@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from apjax import train_lib
+from apjax.stages import smallest_student, stage_results
+from apjax.trainer.files import write_text_atomic
 
 # The paper's numbers on VOC 2012 (SPEC section 8). Rows: mAP, F1, AUC, Point, Cos, l2 (percent except
 # Cos and l2); the paper's mAP is the reference's per-image AP and its F1 thresholds the logit at 0.5.
@@ -167,8 +168,6 @@ def tables(config, stages, results: dict, voc: bool) -> list[str]:
     teacher_paper = tuple(PAPER_TEACHER.get(f) for f in PAPER_FIELDS) if voc else None
 
     # Table 1.
-    from apjax.experiment import smallest_student
-
     smallest = smallest_student(config.students)
     t1 = [("teacher", "Full (teacher)", "teacher")]
     if smallest:
@@ -347,8 +346,6 @@ def plot_against_params(root: Path, stages, results: dict) -> list[str]:
 
 def write_report(config, root: Path, stages) -> Path:
     """Writes ``<root>/report.md`` (and its plots) from the stages' JSON files; returns its path."""
-    from apjax.experiment import stage_results
-
     results = stage_results(root, stages)
     voc = config.data.dataset == "voc"
     lines = [
@@ -397,5 +394,5 @@ def write_report(config, root: Path, stages) -> Path:
         lines += figures
         lines.append("")
     path = root / "report.md"
-    train_lib.write_text_atomic(path, "\n".join(lines))
+    write_text_atomic(path, "\n".join(lines))
     return path

@@ -17,11 +17,11 @@ drift with other load on the host, whose load average the JSON records):
 Every case is the project's own jitted function, built the way training builds it, with its on-device
 augmentation; nothing is trained (the weights come from ``init_variables``). The cases are in ``CASES``:
 
-- ``teacher_forward``: the teacher in eval mode (``train_lib.make_eval_step``), the ceiling every other
+- ``teacher_forward``: the teacher in eval mode (``make_eval_step``), the ceiling every other
   case is compared with (``x fwd`` = the case's images/s over the forward's, same precision and batch;
   for a training case the forward is timed again in alternation with the case's own steps, so that
   drifting load on the host cancels out of the ratio; ``--unpaired`` turns that off);
-- ``teacher_train``: the teacher's SGD step with BCE (``train_lib.make_train_step``);
+- ``teacher_train``: the teacher's SGD step with BCE (``make_train_step``);
 - ``kd[s]``, ``kd_swa[s]``, ``kd_sswa[s]``: ``distill.make_distill_step`` from the VGG16 teacher to
   student ``s`` (x2, x4, x8) with plain logit KD, KD + SWA and KD + SSWA matching (the paper's config:
   post-pool tap, beta 100, the reference's fixed-count channel drop 0.3);
@@ -73,10 +73,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from apjax import train_lib
 from apjax.compress import distill
 from apjax.data.pipeline import TrainBatches, batch_sharding, data_mesh
 from apjax.models import create_model, init_variables
+from apjax.tasks.teacher import make_train_step
+from apjax.trainer.config import PRECISIONS as DTYPES
+from apjax.trainer.config import build_model
+from apjax.trainer.evaluation import make_eval_step
+from apjax.trainer.files import write_json_atomic, write_text_atomic
+from apjax.trainer.optim import create_learning_rate_fn, create_optimizer
+from apjax.trainer.state import create_train_state, mask_params
 from configs import teacher_vgg16, vgg16_kd
 
 PRECISIONS = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
@@ -147,7 +153,7 @@ def _replicated(mesh: Mesh) -> NamedSharding:
 
 def _teacher(s: Setting, mesh: Mesh):
     """The VGG16 teacher computing in the setting's precision (float32 weights), as load_teacher makes it."""
-    model = create_model(s.teacher, num_classes=s.num_classes, dtype=train_lib.PRECISIONS[s.precision])
+    model = create_model(s.teacher, num_classes=s.num_classes, dtype=DTYPES[s.precision])
     variables = init_variables(model, jax.random.key(TEACHER_SEED), s.image_size)
     return model, jax.device_put(variables, _replicated(mesh))
 
@@ -159,8 +165,8 @@ def _sized(c, s: Setting):
 
 
 def _optimizer(c):
-    lr_fn = train_lib.create_learning_rate_fn(c, steps_per_epoch=100)
-    return lr_fn, train_lib.create_optimizer(c, lr_fn)
+    lr_fn = create_learning_rate_fn(c, steps_per_epoch=100)
+    return lr_fn, create_optimizer(c, lr_fn)
 
 
 def _param_dtypes(state) -> list[str]:
@@ -190,7 +196,7 @@ def _summary(c) -> dict:
 
 def build_teacher_forward(s: Setting, mesh: Mesh, variant: str | None) -> Workload:
     model, variables = _teacher(s, mesh)
-    step = train_lib.make_eval_step(model, s.image_size, mesh)
+    step = make_eval_step(model, s.image_size, mesh)
     return Workload(
         jitted=step,
         carry=variables,
@@ -204,10 +210,10 @@ def build_teacher_train(s: Setting, mesh: Mesh, variant: str | None) -> Workload
     c = _sized(teacher_vgg16.get_config(), s)
     c.model = s.teacher
     lr_fn, tx = _optimizer(c)
-    model = train_lib.build_model(c, s.num_classes)
+    model = build_model(c, s.num_classes)
     crop = tuple(c.data.crop_scale)
-    step = train_lib.make_train_step(model, tx, lr_fn, s.image_size, mesh, crop_scale=crop)
-    state = jax.device_put(train_lib.create_train_state(c, model, tx), _replicated(mesh))
+    step = make_train_step(model, tx, lr_fn, s.image_size, mesh, crop_scale=crop)
+    state = jax.device_put(create_train_state(c, model, tx), _replicated(mesh))
     config = {**_summary(c), "param_dtypes": _param_dtypes(state)}
     return Workload(step, state, lambda st, b: step(st, b), lambda st, b: (st, b), config)
 
@@ -218,10 +224,10 @@ def build_distill(method: str) -> Callable[[Setting, Mesh, str | None], Workload
     def build(s: Setting, mesh: Mesh, student: str | None) -> Workload:
         c = _sized(vgg16_kd.get_config(f"student={student},method={method}"), s)
         lr_fn, tx = _optimizer(c)
-        student_model = train_lib.build_model(c, s.num_classes)
+        student_model = build_model(c, s.num_classes)
         teacher, teacher_vars = _teacher(s, mesh)
         step = distill.make_distill_step(student_model, teacher, tx, lr_fn, c, mesh)
-        state = jax.device_put(train_lib.create_train_state(c, student_model, tx), _replicated(mesh))
+        state = jax.device_put(create_train_state(c, student_model, tx), _replicated(mesh))
         config = {**_summary(c), "teacher": s.teacher, "param_dtypes": _param_dtypes(state)}
         return Workload(
             step,
@@ -251,10 +257,10 @@ def build_prune_finetune(method: str) -> Callable[[Setting, Mesh, str | None], W
         c.model = s.teacher
         lr_fn, tx = _optimizer(c)
         teacher, teacher_vars = _teacher(s, mesh)
-        pruned = train_lib.build_model(c, s.num_classes)
+        pruned = build_model(c, s.num_classes)
         sparsity = round_sparsity(15, c.prune.rate)
         masks = global_magnitude_masks(teacher_vars["params"], sparsity)
-        params = train_lib.mask_params(teacher_vars["params"], masks)
+        params = mask_params(teacher_vars["params"], masks)
         key = jax.random.key(c.seed)
         state = prune.fresh_state(params, teacher_vars["batch_stats"], tx, key, masks)
         state = jax.device_put(state, _replicated(mesh))
@@ -481,7 +487,7 @@ def measure_localization(s: Setting, method: str, args, mesh: Mesh, seg, masks: 
     from apjax import localization as loc
     from apjax.attribution.methods import attribution_fn
     from apjax.data.augment import eval_preprocess
-    from apjax.eval_lib import _maps_for_pairs
+    from apjax.evaluation import _maps_for_pairs
 
     model, variables = _teacher(s, mesh)
     fn = attribution_fn(method, model, variables)
@@ -772,7 +778,7 @@ def main(argv: list[str] | None = None) -> None:
             CASES[name].kind == "localization",
         )  # fmt: skip
         rows = run_case(args, precision, int(batch), case_id, mesh, data)
-        train_lib.write_json_atomic(args.child_out, rows)
+        write_json_atomic(args.child_out, rows)
         return
 
     ids = expand_cases(args.cases, args.students, args.loc_methods)
@@ -844,8 +850,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    train_lib.write_json_atomic(out, report)
-    train_lib.write_text_atomic(out.with_suffix(".md"), table + "\n")
+    write_json_atomic(out, report)
+    write_text_atomic(out.with_suffix(".md"), table + "\n")
     print(f"\napjax step benchmark on {report['device_kind']} ({report['backend']}), written to {out}\n")
     print(table)
 

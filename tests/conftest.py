@@ -45,8 +45,8 @@ def teacher_dir(tmp_path_factory):
     """A teacher workdir trained as the paper's is: one epoch from torchvision-layout weights
     (``init_from``, an ``.npz``), which are deleted afterwards, so that any consumer of the teacher that
     read ``init_from`` again (restoring, distillation, pruning, eval) fails."""
-    from apjax import train_lib
     from apjax.models import variant_widths
+    from apjax.tasks import train_and_evaluate
     from tests.test_train import tiny_config
 
     root = tmp_path_factory.mktemp("teacher")
@@ -54,6 +54,6 @@ def teacher_dir(tmp_path_factory):
     c = tiny_config(root / "data", num_epochs=1, lr_decay_epochs=(), init_from=str(weights))
     write_torchvision_npz(weights, variant_widths(c.model))
     workdir = root / "run"
-    train_lib.train_and_evaluate(c, workdir)
+    train_and_evaluate(c, workdir)
     weights.unlink()
     return workdir

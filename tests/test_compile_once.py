@@ -1,6 +1,6 @@
 """The training steps compile once: over several steps, across epoch boundaries and evaluations.
 
-``train_lib.train_and_evaluate`` runs a tiny teacher (3 epochs of 3 steps, an evaluation and checkpoints
+``apjax.tasks.train_and_evaluate`` runs a tiny teacher (3 epochs of 3 steps, an evaluation and checkpoints
 after each epoch) and then a tiny SSWA distillation from that teacher. The jitted step the task builds is
 wrapped, so the test sees every call: jax's compile log (``jax.log_compiles``) must report a compilation
 during the first call only, the step's jit cache must hold one entry at the end, and from the second
@@ -16,8 +16,9 @@ import logging
 import jax
 import pytest
 
-from apjax import train_lib
 from apjax.compress import distill
+from apjax.tasks import teacher as teacher_task
+from apjax.tasks import train_and_evaluate
 from configs import vgg16_kd
 from tests.test_train import tiny_config
 
@@ -90,15 +91,15 @@ def teacher_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("compile_once")
     config = tiny_config(root / "data")
     probes: list[StepProbe] = []
-    original = train_lib.make_train_step
+    original = teacher_task.make_train_step
     with pytest.MonkeyPatch.context() as mp, compile_log() as log:
 
         def probed(*args, **kwargs):
             probes.append(StepProbe(original(*args, **kwargs), log))
             return probes[-1]
 
-        mp.setattr(train_lib, "make_train_step", probed)
-        train_lib.train_and_evaluate(config, root / "teacher")
+        mp.setattr(teacher_task, "make_train_step", probed)
+        train_and_evaluate(config, root / "teacher")
     assert len(probes) == 1
     return root, probes[0], log
 
@@ -125,6 +126,6 @@ def test_distill_step_compiles_once(teacher_run):
             return probes[-1]
 
         mp.setattr(distill, "make_distill_step", probed)
-        train_lib.train_and_evaluate(c, root / "sswa")
+        train_and_evaluate(c, root / "sswa")
     assert len(probes) == 1
     _check_probe(probes[0], log)

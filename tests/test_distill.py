@@ -13,10 +13,13 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from apjax import train_lib
 from apjax.compress import distill
 from apjax.data.pipeline import TrainBatches, data_mesh
 from apjax.models import create_model, init_variables
+from apjax.tasks import distill as distill_task
+from apjax.tasks import validate_config
+from apjax.trainer.config import load_data
+from apjax.trainer.optim import create_learning_rate_fn
 from configs import vgg16_kd
 from tests.test_train import tiny_config
 
@@ -38,11 +41,11 @@ def kd_config(teacher_dir, method, **distill_overrides):
 @pytest.mark.parametrize("method", ["kd", "ewa", "swa", "sswa"])
 def test_one_distill_step_per_method(teacher_dir, method):
     c = kd_config(teacher_dir, method, sswa_mode="bernoulli" if method == "sswa" else "fixed_count")
-    train_lib.validate_config(c)
+    validate_config(c)
     mesh = data_mesh()
-    cache = train_lib.load_data(c, splits=("train",))["train"]
-    lr_fn = train_lib.create_learning_rate_fn(c, 3)
-    task = distill.distill_task(c, cache.num_classes, mesh, lr_fn)
+    cache = load_data(c, splits=("train",))["train"]
+    lr_fn = create_learning_rate_fn(c, 3)
+    task = distill_task.build(c, cache.num_classes, mesh, lr_fn)
     state = jax.device_put(task.init_state(), NamedSharding(mesh, PartitionSpec()))
     teacher_before = jax.device_get(distill.load_teacher(c, mesh)[1])
     saved = sorted(p.name for p in (teacher_dir / "checkpoints" / "best").iterdir() if p.name.isdigit())
@@ -113,7 +116,7 @@ def test_bad_distill_values(teacher_dir):
         with pytest.raises(
             ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")
         ):
-            train_lib.validate_config(c)
+            validate_config(c)
 
 
 def test_eval_py_on_a_teacher_trained_from_init_from(teacher_dir):

@@ -15,8 +15,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from apjax import train_lib
 from apjax.data.pipeline import TrainBatches, data_mesh
+from apjax.trainer.config import load_data
 from tests.test_reliability import (  # noqa: F401  (reference, reliability_env: session fixtures)
     TIMEOUT,
     driver_command,
@@ -114,7 +114,7 @@ def test_two_processes_train_like_one_process_with_eight_devices(
     # Each process gathered only its half of every global batch (the batch's images sorted, then split):
     # train steps 0..5, and the 16 val images in order at each of the 4 evaluations.
     c = rel_config(data)
-    cache = train_lib.load_data(c, splits=("train",))["train"]
+    cache = load_data(c, splits=("train",))["train"]
     batches = TrainBatches(cache, c.batch_size, seed=c.seed, mesh=data_mesh())
     expected = {
         p: [sorted(batches.indices(s).tolist())[8 * p : 8 * (p + 1)] for s in range(6)] for p in range(2)

@@ -10,10 +10,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apjax import eval_lib, train_lib
 from apjax.attribution.methods import LABELS
 from apjax.data.pipeline import TrainBatches, data_mesh
+from apjax.evaluation import (
+    checkpoint_selection,
+    conv_bn_param_count,
+    evaluate_localization,
+    load_run,
+    localization_report,
+)
+from apjax.localization_table import localization_table
 from apjax.models import count_params, create_model, init_variables
+from apjax.tasks import validate_config
+from apjax.trainer.checkpoints import Checkpoints, resumed_best
+from apjax.trainer.config import load_data
+from apjax.trainer.files import check_resume_config, prepare_workdir
+from apjax.trainer.loop import Task, run_training
+from apjax.trainer.state import TrainState
 from tests.test_train import tiny_config
 
 
@@ -32,7 +45,7 @@ def test_localization_report_of_a_teacher_and_an_identical_student(teacher_dir, 
     twin = tmp_path / "twin"
     shutil.copytree(teacher_dir, twin)
     out = tmp_path / "report"
-    results = eval_lib.localization_report(
+    results = localization_report(
         [teacher_dir, twin], methods=("gradcam", "gradient"), out_dir=out, batch_size=8, figure_images=2
     )
     saved = json.loads((out / "localization.json").read_text())
@@ -64,16 +77,16 @@ def test_localization_report_of_a_teacher_and_an_identical_student(teacher_dir, 
     assert student["checkpoint"]["checkpoint"] == "best" and student["checkpoint"]["best_metric"] == "mAP"
     assert student["checkpoint"]["best_value"] == pytest.approx(student["val"]["mAP"], abs=1e-6)
     assert table_cell(md, row, "checkpoint") == "best mAP"
-    params = eval_lib.load_run(twin).variables["params"]
-    assert student["params_conv_bn"] == eval_lib.conv_bn_param_count(params)
+    params = load_run(twin).variables["params"]
+    assert student["params_conv_bn"] == conv_bn_param_count(params)
     assert results["runs"].keys() == saved["runs"].keys()
 
 
 def test_unknown_method_and_missing_workdir(teacher_dir, tmp_path):
     with pytest.raises(ValueError, match="unknown attribution methods \\['gradcam\\+\\+'\\]"):
-        eval_lib.localization_report([teacher_dir], methods=("gradcam++",))
+        localization_report([teacher_dir], methods=("gradcam++",))
     with pytest.raises(FileNotFoundError, match="pass the --workdir of a training run"):
-        eval_lib.localization_report([tmp_path / "none"], methods=("gradcam",))
+        localization_report([tmp_path / "none"], methods=("gradcam",))
 
 
 # --- The report's numbers on a hand-built case -------------------------------------------------------------
@@ -147,7 +160,7 @@ def test_evaluate_localization_equals_independent_numbers_on_a_hand_built_case()
         return lambda chunk: np.stack([table[tuple(p)] for p in chunk.tolist()])
 
     calls = []
-    got = eval_lib.evaluate_localization(
+    got = evaluate_localization(
         maps_of(student),
         masks,
         np.array(student_pairs),
@@ -177,7 +190,7 @@ def test_evaluate_localization_equals_independent_numbers_on_a_hand_built_case()
             "s": {"val": val, "checkpoint": None, "methods": {"gradcam": got}},
         },
     }
-    md = eval_lib.localization_table(results, LABELS)
+    md = localization_table(results, LABELS)
     row = ["s", LABELS["gradcam"]]
     for column, want in [
         ("AUC", f"{100 * np.mean(aucs):.2f}"),
@@ -215,7 +228,7 @@ def test_conv_bn_param_count_by_hand_and_the_papers_530250():
     params["conv2_1"]["bias"][:] = 0.0
     assert np.count_nonzero(params["conv1_1"]["kernel"]) == 44
     assert np.count_nonzero(params["conv2_1"]["kernel"]) == 50
-    assert eval_lib.conv_bn_param_count(params) == 109
+    assert conv_bn_param_count(params) == 109
     # All parameters: the zeroed kernel weights (14) and the head (3 * 2 * 2 inputs x 2 classes + 2 biases).
     assert count_params(params) == 109 + 14 + 3 * 2 * 2 * 2 + 2
 
@@ -226,7 +239,7 @@ def test_conv_bn_param_count_by_hand_and_the_papers_530250():
         if "kernel" in vgg[name] and name != "head":
             vgg[name]["kernel"] = np.zeros_like(vgg[name]["kernel"])
     vgg["conv5_3"]["kernel"].reshape(-1)[:517_578] = 1.0
-    assert eval_lib.conv_bn_param_count(vgg) == 530_250
+    assert conv_bn_param_count(vgg) == 530_250
 
 
 # --- The best checkpoint: chosen by config.best_metric --------------------------------------------------
@@ -234,14 +247,14 @@ def test_conv_bn_param_count_by_hand_and_the_papers_530250():
 
 def _scripted_task(values):
     """A Task whose step only counts and whose val metrics are ``values[step]``."""
-    state = train_lib.TrainState(
+    state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params={"w": jnp.zeros((2,))},
         batch_stats={"s": jnp.zeros((1,))},
         opt_state={"o": jnp.zeros((1,))},
         rng=jax.random.key_data(jax.random.key(0)),
     )
-    return train_lib.Task(
+    return Task(
         init_state=lambda: state,
         train_step=lambda s, batch: (
             s.replace(step=s.step + 1),
@@ -253,9 +266,9 @@ def _scripted_task(values):
 
 def test_best_checkpoint_follows_config_best_metric_and_survives_resume(teacher_dir, tmp_path):
     c = tiny_config(teacher_dir.parent / "data", best_metric="per_image_AP")  # 48 images, 3 steps an epoch
-    train_lib.validate_config(c)
+    validate_config(c)
     mesh = data_mesh()
-    data = train_lib.load_data(c)
+    data = load_data(c)
     batches = TrainBatches(data["train"], c.batch_size, seed=0, mesh=mesh)
     assert batches.steps_per_epoch == 3
     # VOC mAP would pick step 6, the per-image AP picks step 3; at step 12 (after resuming) neither improves.
@@ -266,16 +279,14 @@ def test_best_checkpoint_follows_config_best_metric_and_survives_resume(teacher_
         12: {"mAP": 0.45, "per_image_AP": 0.68},
     }
     workdir = tmp_path / "run"
-    train_lib.prepare_workdir(workdir, c)
-    train_lib.run_training(c, workdir, _scripted_task(values), data, batches, mesh)
+    prepare_workdir(workdir, c)
+    run_training(c, workdir, _scripted_task(values), data, batches, mesh)
 
     def metas():
-        checkpoints = train_lib.Checkpoints(workdir)
+        checkpoints = Checkpoints(workdir)
         abstract = _scripted_task(values).init_state()
         try:
-            return [
-                train_lib.Checkpoints.restore(m, abstract)[1] for m in (checkpoints.best, checkpoints.latest)
-            ]
+            return [Checkpoints.restore(m, abstract)[1] for m in (checkpoints.best, checkpoints.latest)]
         finally:
             checkpoints.close()
 
@@ -283,7 +294,7 @@ def test_best_checkpoint_follows_config_best_metric_and_survives_resume(teacher_
     assert best["step"] == 3 and best["best_metric"] == "per_image_AP" and best["best_value"] == 0.70
     assert best["val"] == values[3]
     assert latest["step"] == 9 and latest["best_metric"] == "per_image_AP" and latest["best_value"] == 0.70
-    assert eval_lib.checkpoint_selection(best, "best") == {
+    assert checkpoint_selection(best, "best") == {
         "checkpoint": "best",
         "best_metric": "per_image_AP",
         "best_value": 0.70,
@@ -291,30 +302,30 @@ def test_best_checkpoint_follows_config_best_metric_and_survives_resume(teacher_
     # Resuming for one more epoch: the best value so far comes back from the latest checkpoint's meta, so
     # 0.68 at step 12 does not replace the best of step 3.
     c.num_epochs = 4
-    train_lib.check_resume_config(workdir, c)
-    train_lib.run_training(c, workdir, _scripted_task(values), data, batches, mesh)
+    check_resume_config(workdir, c)
+    run_training(c, workdir, _scripted_task(values), data, batches, mesh)
     best, latest = metas()
     assert best["step"] == 3 and latest["step"] == 12 and latest["best_value"] == 0.70
     # Another criterion changes the run: the workdir refuses it.
     c.best_metric = "mAP"
     with pytest.raises(ValueError, match="differs in best_metric"):
-        train_lib.check_resume_config(workdir, c)
+        check_resume_config(workdir, c)
 
 
 def test_best_metric_checks_and_older_runs(tmp_path):
     c = tiny_config(tmp_path / "data", best_metric="AP")
     with pytest.raises(ValueError, match=r"unknown config.best_metric 'AP'; choose one of \['mAP', "):
-        train_lib.validate_config(c)
+        validate_config(c)
     # A latest checkpoint saved before the criterion was recorded holds best_mAP (chosen by VOC mAP).
-    assert train_lib.resumed_best({"step": 3, "best_mAP": 0.3}, "mAP") == 0.3
-    assert train_lib.resumed_best({"step": 3, "best_mAP": 0.3}, "per_image_AP") == -1.0
-    assert train_lib.resumed_best({"best_metric": "per_image_AP", "best_value": 0.4}, "per_image_AP") == 0.4
+    assert resumed_best({"step": 3, "best_mAP": 0.3}, "mAP") == 0.3
+    assert resumed_best({"step": 3, "best_mAP": 0.3}, "per_image_AP") == -1.0
+    assert resumed_best({"best_metric": "per_image_AP", "best_value": 0.4}, "per_image_AP") == 0.4
     # A config.json written before the field existed resumes under the criterion those runs had.
     workdir = tmp_path / "old"
     workdir.mkdir()
     old = tiny_config(tmp_path / "data")
     del old["best_metric"]
     (workdir / "config.json").write_text(old.to_json_best_effort())
-    train_lib.check_resume_config(workdir, tiny_config(tmp_path / "data"))
+    check_resume_config(workdir, tiny_config(tmp_path / "data"))
     with pytest.raises(ValueError, match="differs in best_metric"):
-        train_lib.check_resume_config(workdir, tiny_config(tmp_path / "data", best_metric="per_image_AP"))
+        check_resume_config(workdir, tiny_config(tmp_path / "data", best_metric="per_image_AP"))

@@ -7,9 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apjax import eval_lib, train_lib
 from apjax.compress import structured, unstructured
+from apjax.evaluation import evaluate_workdir, load_run
 from apjax.models import conv_names, count_params, create_model, init_variables, variant_widths
+from apjax.tasks import train_and_evaluate, validate_config
+from apjax.trainer.optim import create_learning_rate_fn, create_optimizer
+from apjax.trainer.state import TrainState, apply_gradients, mask_params
 from configs import prune_structured, prune_unstructured
 from tests.test_train import tiny_config
 
@@ -53,7 +56,7 @@ def test_global_magnitude_masks_prune_an_exact_count_with_one_threshold():
             assert all(np.all(np.asarray(masks[c]) <= np.asarray(previous[c])) for c in masks)
         previous = masks
     assert set(masks) == set(conv_names(variant_widths("vgg16/8")))  # Dense and BN are never masked
-    masked = train_lib.mask_params(params, masks)
+    masked = mask_params(params, masks)
     for name, p in params.items():
         for leaf, value in p.items():
             if name in masks and leaf == "kernel":
@@ -76,15 +79,15 @@ def test_masked_updates_keep_pruned_weights_exactly_zero():
     c.optimizer.update(momentum=0.9, weight_decay=0.1)
     _, v = random_variables(variant_widths("vgg16/8"), 32, 5)
     masks = unstructured.global_magnitude_masks(v["params"], 0.5)
-    params = train_lib.mask_params(jax.tree.map(jnp.asarray, v["params"]), masks)
-    tx = train_lib.create_optimizer(c, train_lib.create_learning_rate_fn(c, 1))
-    state = train_lib.TrainState(
+    params = mask_params(jax.tree.map(jnp.asarray, v["params"]), masks)
+    tx = create_optimizer(c, create_learning_rate_fn(c, 1))
+    state = TrainState(
         step=jnp.zeros((), jnp.int32), params=params, batch_stats=v["batch_stats"],
         opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(0)), masks=masks,
     )  # fmt: skip
     for i in range(3):
         grads = jax.tree.map(lambda p, i=i: jnp.full_like(p, 1.0 + i), state.params)  # dense gradients
-        state = train_lib.apply_gradients(state, tx, grads, state.batch_stats)
+        state = apply_gradients(state, tx, grads, state.batch_stats)
     for name, m in masks.items():
         k = np.asarray(state.params[name]["kernel"])
         assert np.all(k[~np.asarray(m)] == 0.0)
@@ -109,14 +112,14 @@ def test_unstructured_rounds_prune_exactly_keep_zeros_and_resume(teacher_dir, tm
     c = small_prune_config(prune_unstructured, teacher_dir, "naive")  # matching: the structured test
     c.prune.rounds, c.prune.rate = 2, 0.2
     workdir = tmp_path / "prune_u"
-    train_lib.train_and_evaluate(c, workdir)
-    teacher = eval_lib.load_run(teacher_dir)
+    train_and_evaluate(c, workdir)
+    teacher = load_run(teacher_dir)
     n = sum(teacher.variables["params"][k]["kernel"].size for k in conv_names(variant_widths(c.model)))
     summary = json.loads((workdir / "final_metrics.json").read_text())
     convs = conv_names(variant_widths(c.model))
     for r in (1, 2):
         rdir = workdir / f"round_{r:02d}"
-        params = eval_lib.load_run(rdir, "latest").variables["params"]
+        params = load_run(rdir, "latest").variables["params"]
         zeros = sum(int(np.sum(np.asarray(params[k]["kernel"]) == 0)) for k in convs)
         assert zeros == round((1 - 0.8**r) * n)  # exact, after a round of training steps
         assert summary["rounds"][r - 1]["conv_weights_zero"] == zeros
@@ -129,12 +132,12 @@ def test_unstructured_rounds_prune_exactly_keep_zeros_and_resume(teacher_dir, tm
     assert summary["params_total"] == count_params(teacher.variables["params"])
     assert summary["params_nonzero"] == summary["params_total"] - summary["conv_weights_zero"]
     # eval.py's path: the workdir resolves to its last round.
-    m = eval_lib.evaluate_workdir(workdir, "latest")
+    m = evaluate_workdir(workdir, "latest")
     assert m["mAP"] == pytest.approx(summary["rounds"][1]["val"]["mAP"], abs=1e-6)
     # Rerunning skips the finished rounds and trains nothing.
     before = (workdir / "round_02" / "metrics.jsonl").read_text()
     capsys.readouterr()
-    train_lib.train_and_evaluate(c, workdir)
+    train_and_evaluate(c, workdir)
     assert "Round 1 is finished" in capsys.readouterr().out
     assert (workdir / "round_02" / "metrics.jsonl").read_text() == before
 
@@ -225,7 +228,7 @@ def test_surgery_computes_the_original_with_pruned_channels_zeroed():
 def test_structured_task_trains_the_smaller_net_and_eval_loads_it(teacher_dir, tmp_path):
     c = small_prune_config(prune_structured, teacher_dir, "sswa")
     workdir = tmp_path / "prune_s"
-    final = train_lib.train_and_evaluate(c, workdir)
+    final = train_and_evaluate(c, workdir)
     info = json.loads((workdir / "model.json").read_text())
     widths = variant_widths(c.model)
     ratios = structured.layer_ratios(widths, 0.7)
@@ -236,23 +239,23 @@ def test_structured_task_trains_the_smaller_net_and_eval_loads_it(teacher_dir, t
     assert [int(x) for x in info["model"].split(",") if x != "M"] == kept
     summary = json.loads((workdir / "final_metrics.json").read_text())
     assert summary["params_total"] == info["params"] < info["teacher_params"]
-    m = eval_lib.evaluate_workdir(workdir, "latest")
+    m = evaluate_workdir(workdir, "latest")
     assert m["mAP"] == pytest.approx(final["mAP"], abs=1e-6)
 
 
 def test_pruning_config_errors(teacher_dir):
     c = small_prune_config(prune_structured, teacher_dir, "kd")
     with pytest.raises(ValueError, match="unknown method 'kd'; choose one of"):
-        train_lib.validate_config(c)
+        validate_config(c)
     c = small_prune_config(prune_structured, teacher_dir, "naive")
     c.prune.pattern = (1, 0)
     with pytest.raises(ValueError, match="one 0 or 1 per conv"):
-        train_lib.validate_config(c)
+        validate_config(c)
     c = small_prune_config(prune_unstructured, teacher_dir, "naive")
     c.prune.rate = 1.0
     with pytest.raises(ValueError, match=r"config.prune.rate must be in \(0, 1\)"):
-        train_lib.validate_config(c)
+        validate_config(c)
     c = small_prune_config(prune_unstructured, teacher_dir, "naive")
     c.model = "vgg16/4"
     with pytest.raises(ValueError, match="is not the teacher's model"):
-        train_lib.train_and_evaluate(c, teacher_dir.parent / "wrong_model")
+        train_and_evaluate(c, teacher_dir.parent / "wrong_model")

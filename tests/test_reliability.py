@@ -29,8 +29,12 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from apjax import cli, eval_lib, metrics, train_lib
+from apjax import cli, metrics
 from apjax.compress import distill
+from apjax.tasks import train_and_evaluate
+from apjax.trainer.checkpoints import restore_state
+from apjax.trainer.config import load_data
+from apjax.trainer.files import write_json_atomic
 from configs import vgg16_kd
 from tests.test_train import tiny_config
 
@@ -71,7 +75,9 @@ DRIVER = textwrap.dedent(
             coordinator_address=args["coordinator"], num_processes=args["num_processes"],
             process_id=args["process_id"])
     import numpy as np
-    from apjax import train_lib
+    from apjax import tasks
+    from apjax.trainer import evaluation
+    from apjax.trainer.checkpoints import Checkpoints
     from orbax.checkpoint._src.path import async_path
 
     def log(**row):
@@ -96,7 +102,7 @@ DRIVER = textwrap.dedent(
             timer.start()
             atexit.register(timer.join)  # a run that ends first is killed on its way out
 
-    save = train_lib.Checkpoints._save
+    save = Checkpoints._save
     def _save(manager, state, meta):
         params = jax.device_get(state.params)
         finite = all(bool(np.isfinite(x).all()) for x in jax.tree.leaves(params))
@@ -106,24 +112,24 @@ DRIVER = textwrap.dedent(
         if args.get("sync_saves"):
             manager.wait_until_finished()
         event("save")
-    train_lib.Checkpoints._save = staticmethod(_save)
+    Checkpoints._save = staticmethod(_save)
 
-    restore = train_lib.Checkpoints.restore
+    restore = Checkpoints.restore
     def _restore(manager, abstract_state):
         out = restore(manager, abstract_state)
         if out is not None:
             log(event="restore", which=os.path.basename(str(manager.directory)), step=int(out[1]["step"]),
                 fingerprint=fingerprint(out[0]))
         return out
-    train_lib.Checkpoints.restore = staticmethod(_restore)
+    Checkpoints.restore = staticmethod(_restore)
 
-    evaluate = train_lib.evaluate
+    evaluate = evaluation.evaluate
     def _evaluate(*a, **k):
         event("evaluate")
         return evaluate(*a, **k)
-    train_lib.evaluate = _evaluate
+    evaluation.evaluate = _evaluate
 
-    build_task = train_lib.build_task
+    build_task = tasks.build_task
     def _build_task(*a, **k):
         task = build_task(*a, **k)
         step = task.train_step
@@ -135,7 +141,7 @@ DRIVER = textwrap.dedent(
             return state, metrics
         task.train_step = train_step
         return task
-    train_lib.build_task = _build_task
+    tasks.build_task = _build_task
 
     write_text = async_path.write_text
     async def _write_text(path, text, *a, **k):
@@ -150,7 +156,7 @@ DRIVER = textwrap.dedent(
     async_path.write_text = _write_text
 
     if args.get("record_rows"):
-        load_data = train_lib.load_data
+        load_data = tasks.load_data
         class Rows:
             def __init__(self, split, array):
                 self.split, self.array = split, array
@@ -166,7 +172,7 @@ DRIVER = textwrap.dedent(
             for split, cache in data.items():
                 cache.images = Rows(split, cache.images)
             return data
-        train_lib.load_data = _load_data
+        tasks.load_data = _load_data
 
     if args.get("audit"):
         def audit(name, a):
@@ -282,7 +288,7 @@ def checkpoint_names(workdir: Path, which: str) -> list[str]:
 
 
 def restore_params(env: Env, workdir: Path, which: str = "latest", config=None):
-    _, state, meta = eval_lib.restore_state(config or env.config(), workdir, which)
+    _, state, meta = restore_state(config or env.config(), workdir, which)
     return jax.device_get(state), meta
 
 
@@ -302,7 +308,7 @@ def reliability_env(tmp_path_factory) -> Env:
     if "env" not in _SESSION:
         root = tmp_path_factory.mktemp("reliability")
         env = Env(root, root / "data", root / "rel_config.py", root / "jax_cache")
-        train_lib.load_data(env.config())
+        load_data(env.config())
         write_config_file(env.config_file, env.data)
         _SESSION["env"] = env
     return _SESSION["env"]
@@ -512,7 +518,7 @@ def test_disk_full_during_a_checkpoint_ends_in_one_sentence_keeping_the_last(
 
 def test_disk_full_while_writing_json_leaves_the_old_file_and_no_partial_one(tmp_path, monkeypatch):
     path = tmp_path / "final_metrics.json"
-    train_lib.write_json_atomic(path, {"old": 1})
+    write_json_atomic(path, {"old": 1})
     real_write_text = Path.write_text
 
     def write_half_then_fail(self, text, *a, **k):
@@ -521,7 +527,7 @@ def test_disk_full_while_writing_json_leaves_the_old_file_and_no_partial_one(tmp
 
     monkeypatch.setattr(Path, "write_text", write_half_then_fail)
     with pytest.raises(OSError) as e:
-        train_lib.write_json_atomic(path, {"new": 2})
+        write_json_atomic(path, {"new": 2})
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"old": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final_metrics.json"]
@@ -545,6 +551,20 @@ def test_disk_full_reported_by_tensorstore_names_the_file():
     assert_one_sentence(cli.error_message(wrapped, "/w"), "the disk is full", path)
     assert cli.disk_full_path(ValueError("logits contains NaN")) is None
     assert cli.error_message(ValueError("x is wrong; do y.")) == "x is wrong; do y."
+
+
+def test_only_config_errors_non_finite_runs_and_a_full_disk_end_in_one_sentence():
+    from apjax.errors import ConfigError, MissingFileError, UnwritableError
+
+    assert cli.is_user_error(ConfigError("x is wrong; do y."))
+    assert cli.is_user_error(MissingFileError("no run in /w; train first."))
+    assert cli.is_user_error(FloatingPointError("training became non-finite by step 6."))
+    # Anything else is a bug (or the machine's failure) and keeps its traceback.
+    for bug in (ValueError("bad shape"), KeyError("conv9"), OSError("device lost"), ImportError("no x")):
+        assert not cli.is_user_error(bug), bug
+    # The variants are still the built-in errors the same mistakes raised before.
+    assert issubclass(MissingFileError, FileNotFoundError) and issubclass(UnwritableError, PermissionError)
+    assert issubclass(ConfigError, ValueError)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -626,10 +646,10 @@ def test_unwritable_workdir_and_bad_batch_size_write_nothing(tmp_path, reliabili
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(OSError) as e:
-        train_lib.train_and_evaluate(reliability_env.config(), blocker / "run")
+        train_and_evaluate(reliability_env.config(), blocker / "run")
     assert_one_sentence(str(e.value), f"cannot create the workdir {blocker / 'run'}", "writable --workdir")
     with pytest.raises(ValueError) as e:
-        train_lib.train_and_evaluate(reliability_env.config(batch_size=12), tmp_path / "run")
+        train_and_evaluate(reliability_env.config(batch_size=12), tmp_path / "run")
     assert_one_sentence(str(e.value), "batch_size=12 does not split evenly over 8 devices", "multiple of 8")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
@@ -641,7 +661,7 @@ def test_read_only_workdir(tmp_path, reliability_env):
     workdir.chmod(0o555)
     try:
         with pytest.raises(PermissionError) as e:
-            train_lib.train_and_evaluate(reliability_env.config(), workdir)
+            train_and_evaluate(reliability_env.config(), workdir)
     finally:
         workdir.chmod(0o755)
     assert_one_sentence(str(e.value), f"the workdir {workdir} is not writable", "writable --workdir")
@@ -664,7 +684,7 @@ def test_damaged_host_cache_names_the_folder(tmp_path, reliability_env):
     (cache,) = (data / "apjax_cache").glob("*/train_36")
     _truncate(cache / "images.npy")
     with pytest.raises(ValueError) as e:
-        train_lib.load_data(rel_config(data))
+        load_data(rel_config(data))
     assert_one_sentence(str(e.value), f"the host cache {cache} is damaged", "delete that folder")
 
 
@@ -674,7 +694,7 @@ def test_damaged_prepared_dataset_names_the_folder_and_leaves_no_cache(tmp_path,
     (records,) = (data / "apjax_synthetic").glob("*/1.0.0/*-train.array_record-*")
     _truncate(records)
     with pytest.raises((ValueError, OSError)) as e:  # as the reader failed: a RuntimeError, an OSError
-        train_lib.load_data(rel_config(data))
+        load_data(rel_config(data))
     assert_one_sentence(
         str(e.value), "of the prepared dataset", str(records.parent), "delete that folder and prepare"
     )

@@ -14,8 +14,16 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from apjax import eval_lib, train_lib
+from apjax.compress.losses import bce_loss
 from apjax.data.pipeline import TrainBatches, data_mesh
+from apjax.evaluation import evaluate_workdir
+from apjax.tasks import train_and_evaluate, validate_config
+from apjax.tasks.teacher import make_train_step
+from apjax.trainer.checkpoints import restore_state
+from apjax.trainer.config import build_model, load_data
+from apjax.trainer.files import check_resume_config, load_workdir_config
+from apjax.trainer.optim import create_learning_rate_fn, create_optimizer
+from apjax.trainer.state import create_train_state
 from configs import teacher_vgg16
 from configs.common import parse_arg
 
@@ -40,7 +48,7 @@ def tiny_config(data_dir, **overrides):
 def test_learning_rate_drops_at_the_first_step_of_each_decay_epoch():
     c = teacher_vgg16.get_config()
     c.optimizer.learning_rate, c.lr_decay_epochs, c.lr_decay_factor = 0.1, (2, 4), 0.1
-    lr = train_lib.create_learning_rate_fn(c, steps_per_epoch=5)
+    lr = create_learning_rate_fn(c, steps_per_epoch=5)
     # Epochs 0-1 (steps 0..9) at 0.1, epochs 2-3 (steps 10..19) at 0.01, from epoch 4 (step 20) 0.001.
     expected = {0: 0.1, 9: 0.1, 10: 0.01, 19: 0.01, 20: 0.001, 57: 0.001}
     for step, value in expected.items():
@@ -50,7 +58,7 @@ def test_learning_rate_drops_at_the_first_step_of_each_decay_epoch():
 def test_sgd_is_torch_sgd_with_weight_decay_and_momentum():
     c = teacher_vgg16.get_config()
     c.optimizer.update(learning_rate=0.5, momentum=0.9, weight_decay=0.1)
-    tx = train_lib.create_optimizer(c, train_lib.create_learning_rate_fn(c, 100))
+    tx = create_optimizer(c, create_learning_rate_fn(c, 100))
     p0, g1, g2 = np.array([1.0, -2.0]), np.array([0.3, 0.1]), np.array([-0.2, 0.4])
     # torch.optim.SGD: d = g + wd * p; buf = m * buf + d (buf = d at the first step); p -= lr * buf.
     d1 = g1 + 0.1 * p0
@@ -70,7 +78,7 @@ def test_bce_loss_is_the_mean_binary_cross_entropy():
     z, y = rng.normal(0, 3, (4, 5)), (rng.random((4, 5)) > 0.5).astype(np.float64)
     s = 1 / (1 + np.exp(-z))
     expected = -np.mean(y * np.log(s) + (1 - y) * np.log(1 - s))
-    got = train_lib.bce_loss(jnp.asarray(z, jnp.float32), jnp.asarray(y, jnp.float32))
+    got = bce_loss(jnp.asarray(z, jnp.float32), jnp.asarray(y, jnp.float32))
     np.testing.assert_allclose(float(got), expected, rtol=1e-5)
 
 
@@ -91,7 +99,7 @@ def test_bad_config_values_give_one_sentence(tmp_path, field, value, message):
     c = tiny_config(tmp_path)
     c[field] = value
     with pytest.raises(ValueError) as e:
-        train_lib.validate_config(c)
+        validate_config(c)
     assert message in str(e.value) and str(e.value).count(". ") == 0 and str(e.value).endswith(".")
 
 
@@ -99,15 +107,15 @@ def test_bad_data_and_config_arguments(tmp_path):
     c = tiny_config(tmp_path)
     c.data.dataset = "imagenet"
     with pytest.raises(ValueError, match="unknown dataset 'imagenet'; choose one of"):
-        train_lib.validate_config(c)
+        validate_config(c)
     c = tiny_config(tmp_path)
     c.data.image_size = 16
     with pytest.raises(ValueError, match="image_size=16 is too small for a net with 5 max-pools"):
-        train_lib.validate_config(c)
+        validate_config(c)
     c = tiny_config(tmp_path)
     c.data.synthetic.num_classes = 40
     with pytest.raises(ValueError, match="num_classes=40"):
-        train_lib.validate_config(c)
+        validate_config(c)
     with pytest.raises(ValueError, match="unknown config argument 'smal'"):
         parse_arg("data=synthetic,smal", data="voc", small=False)
     with pytest.raises(ValueError, match="unknown data 'vocc'"):
@@ -117,26 +125,26 @@ def test_bad_data_and_config_arguments(tmp_path):
 def test_voc_teacher_needs_imagenet_weights_or_an_explicit_scratch_run(tmp_path):
     c = teacher_vgg16.get_config()  # the paper's setting: VOC
     with pytest.raises(ValueError) as e:
-        train_lib.validate_config(c)
+        validate_config(c)
     message = str(e.value)
     assert "--config.init_from=/path/to/vgg16_bn.pth" in message and "--config.from_scratch=True" in message
     assert message.count(". ") == 0 and message.endswith(".")
     c.from_scratch = True
-    train_lib.validate_config(c)
+    validate_config(c)
     c.init_from = "vgg16_bn.pth"
     with pytest.raises(ValueError, match="from_scratch is True but config.init_from is set"):
-        train_lib.validate_config(c)
+        validate_config(c)
     c.from_scratch = False
-    train_lib.validate_config(c)
+    validate_config(c)
 
 
 def test_resuming_a_finished_init_from_run_never_reads_the_weight_file(teacher_dir):
     """The session's teacher was trained from an init_from file that no longer exists: resuming its
     workdir (nothing left to train) restores the checkpoint and finishes without reading it."""
-    config = eval_lib.load_workdir_config(teacher_dir)
+    config = load_workdir_config(teacher_dir)
     assert config.init_from and not Path(config.init_from).exists()
     before = (teacher_dir / "metrics.jsonl").read_text()
-    final = train_lib.train_and_evaluate(config, teacher_dir)
+    final = train_and_evaluate(config, teacher_dir)
     assert (teacher_dir / "metrics.jsonl").read_text() == before  # no step was trained again
     saved = json.loads((teacher_dir / "final_metrics.json").read_text())
     assert saved["val"]["mAP"] == pytest.approx(final["mAP"])
@@ -145,23 +153,21 @@ def test_resuming_a_finished_init_from_run_never_reads_the_weight_file(teacher_d
 def test_batch_size_not_divisible_by_devices(tmp_path):
     c = tiny_config(tmp_path, batch_size=12)
     with pytest.raises(ValueError, match="does not split evenly over 8 devices"):
-        train_lib.train_and_evaluate(c, tmp_path / "run")
+        train_and_evaluate(c, tmp_path / "run")
 
 
 def test_one_step_on_eight_devices_equals_one_device(tmp_path):
     assert jax.device_count() == 8
     c = tiny_config(tmp_path)
-    cache = train_lib.load_data(c, splits=("train",))["train"]
-    model = train_lib.build_model(c, cache.num_classes)
+    cache = load_data(c, splits=("train",))["train"]
+    model = build_model(c, cache.num_classes)
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = data_mesh(devices)
-        lr_fn = train_lib.create_learning_rate_fn(c, 3)
-        tx = train_lib.create_optimizer(c, lr_fn)
-        state = jax.device_put(
-            train_lib.create_train_state(c, model, tx), NamedSharding(mesh, PartitionSpec())
-        )
-        step = train_lib.make_train_step(model, tx, lr_fn, 32, mesh, crop_scale=(0.35, 1.0))
+        lr_fn = create_learning_rate_fn(c, 3)
+        tx = create_optimizer(c, lr_fn)
+        state = jax.device_put(create_train_state(c, model, tx), NamedSharding(mesh, PartitionSpec()))
+        step = make_train_step(model, tx, lr_fn, 32, mesh, crop_scale=(0.35, 1.0))
         batches = TrainBatches(cache, 16, seed=c.seed, mesh=mesh)
         for s in range(2):
             state, metrics = step(state, batches.batch(s))
@@ -181,16 +187,17 @@ DRIVER = textwrap.dedent(
     """
     import os, signal, sys
     sys.path.insert(0, {root!r})
-    from apjax import train_lib
+    from apjax.tasks import train_and_evaluate
+    from apjax.trainer.checkpoints import Checkpoints
     from tests.test_train import tiny_config
     if {kill}:
-        original = train_lib.Checkpoints.save_latest
+        original = Checkpoints.save_latest
         def save_then_die(self, state, meta):
             original(self, state, meta)
             self.latest.wait_until_finished()
             os.kill(os.getpid(), signal.SIGKILL)
-        train_lib.Checkpoints.save_latest = save_then_die
-    train_lib.train_and_evaluate(tiny_config({data!r}), {workdir!r})
+        Checkpoints.save_latest = save_then_die
+    train_and_evaluate(tiny_config({data!r}), {workdir!r})
     """
 )
 
@@ -204,7 +211,7 @@ def _run(tmp_path, workdir, kill=False):
 
 def _final_params(workdir):
     c = tiny_config(workdir.parent / "data")
-    _, state, meta = eval_lib.restore_state(c, workdir, "latest")
+    _, state, meta = restore_state(c, workdir, "latest")
     return jax.device_get(state), meta
 
 
@@ -219,7 +226,7 @@ def test_eval_reproduces_the_logged_map(tmp_path):
     # eval.py's library call on the best checkpoint reproduces the mAP logged for it in training.
     logged = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     best = max((r for r in logged if "val/mAP" in r), key=lambda r: r["val/mAP"])
-    result = eval_lib.evaluate_workdir(straight, "best", "val")
+    result = evaluate_workdir(straight, "best", "val")
     assert result["step"] == best["step"]
     np.testing.assert_allclose(result["mAP"], best["val/mAP"], atol=1e-4)
     assert (straight / "eval_best_val.json").exists() and (straight / "config.json").exists()
@@ -231,4 +238,4 @@ def test_resume_refuses_another_config(tmp_path):
     (tmp_path / "run" / "config.json").write_text(c.to_json_best_effort())
     c.model = "vgg16/4"
     with pytest.raises(ValueError, match="holds a run with another config \\(differs in model\\)"):
-        train_lib.check_resume_config(tmp_path / "run", c)
+        check_resume_config(tmp_path / "run", c)

@@ -439,8 +439,8 @@ def test_cache_is_rebuilt_when_the_dataset_is_prepared_again(tmp_path, monkeypat
 def test_split_sizes_are_refused_for_voc():
     import ml_collections
 
-    from apjax import train_lib
     from apjax.data import check_data_config
+    from apjax.tasks import validate_config
     from configs import vgg16_kd
     from configs.common import data_config
 
@@ -452,7 +452,7 @@ def test_split_sizes_are_refused_for_voc():
     c.split_sizes.train = 100
     with pytest.raises(ValueError, match="cannot apply to VOC, whose splits are the official image lists"):
         check_data_config(c)
-    k = vgg16_kd.get_config("")  # train_lib.validate_config checks it too
+    k = vgg16_kd.get_config("")  # apjax.tasks.validate_config checks it too
     k.data.split_sizes = ml_collections.ConfigDict(dict(train=100, val=10, segmentation_val=10))
     with pytest.raises(ValueError, match="cannot apply to VOC"):
-        train_lib.validate_config(k)
+        validate_config(k)

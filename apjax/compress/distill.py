@@ -27,7 +27,6 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from apjax import train_lib
 from apjax.attribution import (
     bernoulli_channel_mask,
     fixed_count_channel_mask,
@@ -39,7 +38,17 @@ from apjax.compress.losses import MATCHING_FORMS, bce_loss, kd_loss, multi_tap_m
 from apjax.data.augment import eval_preprocess, train_augment
 from apjax.data.cache import HostCache
 from apjax.data.pipeline import batch_sharding, eval_batches
-from apjax.models import tap_gradients, tap_names, top1_seed
+from apjax.errors import ConfigError, MissingFileError
+from apjax.models import create_model, tap_gradients, tap_names, top1_seed
+from apjax.trainer.checkpoints import restore_state
+from apjax.trainer.config import PRECISIONS, num_classes_of
+from apjax.trainer.evaluation import classification_summary, valid_rows
+from apjax.trainer.files import load_workdir_config
+from apjax.trainer.state import (
+    TrainState,
+    apply_gradients,
+    step_keys,
+)
 
 METHODS = ("kd", "ewa", "swa", "sswa")
 # The methods with an attribution-matching term (``kd`` for distillation and ``naive`` for pruning have none).
@@ -53,71 +62,65 @@ SSWA_MODES = ("fixed_count", "bernoulli")
 
 
 def validate_distill_config(config: ml_collections.ConfigDict, methods: tuple[str, ...] = METHODS) -> None:
-    """Raises ``ValueError`` (one sentence) for a bad ``config.distill`` value (teacher and matching)."""
+    """Raises ``ConfigError`` (one sentence) for a bad ``config.distill`` value (teacher and matching)."""
     d = config.distill
     if d.method not in methods:
-        raise ValueError(f"unknown method {d.method!r}; choose one of {list(methods)}.")
+        raise ConfigError(f"unknown method {d.method!r}; choose one of {list(methods)}.")
     if d.matching_form not in MATCHING_FORMS:
-        raise ValueError(f"unknown matching_form {d.matching_form!r}; choose one of {list(MATCHING_FORMS)}.")
+        raise ConfigError(f"unknown matching_form {d.matching_form!r}; choose one of {list(MATCHING_FORMS)}.")
     if d.sswa_mode not in SSWA_MODES:
-        raise ValueError(f"unknown sswa_mode {d.sswa_mode!r}; choose one of {list(SSWA_MODES)}.")
+        raise ConfigError(f"unknown sswa_mode {d.sswa_mode!r}; choose one of {list(SSWA_MODES)}.")
     if not 0 <= d.sswa_drop < 1:
-        raise ValueError(f"config.distill.sswa_drop must be in [0, 1), got {d.sswa_drop!r}.")
+        raise ConfigError(f"config.distill.sswa_drop must be in [0, 1), got {d.sswa_drop!r}.")
     if not d.beta >= 0:
-        raise ValueError(f"config.distill.beta must be >= 0, got {d.beta!r}.")
+        raise ConfigError(f"config.distill.beta must be >= 0, got {d.beta!r}.")
     if not d.temperature > 0:
-        raise ValueError(f"config.distill.temperature must be > 0, got {d.temperature!r}.")
+        raise ConfigError(f"config.distill.temperature must be > 0, got {d.temperature!r}.")
     if not 0 <= d.alpha <= 1:
-        raise ValueError(f"config.distill.alpha must be in [0, 1], got {d.alpha!r}.")
+        raise ConfigError(f"config.distill.alpha must be in [0, 1], got {d.alpha!r}.")
     if not 0 <= d.get("kd_log_eps", 0.0) < 1e-3:
-        raise ValueError(
+        raise ConfigError(
             f"config.distill.kd_log_eps must be in [0, 1e-3) (the reference's 1e-7, or 0 for the exact "
             f"log-sigmoid), got {d.kd_log_eps!r}."
         )
     taps = list(d.taps)
-    known = tap_names(train_lib.create_model(config.model).widths)
+    known = tap_names(create_model(config.model).widths)
     if d.method in MATCHING_METHODS and (not taps or any(t not in known for t in taps)):
-        raise ValueError(f"config.distill.taps must be a non-empty subset of {list(known)}, got {taps}.")
+        raise ConfigError(f"config.distill.taps must be a non-empty subset of {list(known)}, got {taps}.")
     if not d.teacher_workdir:
-        raise ValueError(
+        raise ConfigError(
             "config.distill.teacher_workdir is empty; set it to the --workdir of a trained teacher."
         )
 
 
 def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The teacher run's own config, checked against the student's data."""
-    from apjax.eval_lib import load_workdir_config
-
     workdir = Path(os.path.expanduser(config.distill.teacher_workdir))
     if not (workdir / "config.json").exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no trained teacher in {workdir} (config.distill.teacher_workdir): train one first with "
             f"python train.py --config configs/teacher_vgg16.py --workdir {workdir}, or point the option "
             "at the teacher's workdir."
         )
     tc = load_workdir_config(workdir)
     same = tc.data.dataset == config.data.dataset and (
-        tc.data.dataset != "synthetic" or train_lib.num_classes_of(tc) == train_lib.num_classes_of(config)
+        tc.data.dataset != "synthetic" or num_classes_of(tc) == num_classes_of(config)
     )
     if not same:
-        raise ValueError(
+        raise ConfigError(
             f"the teacher in {workdir} was trained on {tc.data.dataset} with "
-            f"{train_lib.num_classes_of(tc)} classes but the student uses {config.data.dataset} with "
-            f"{train_lib.num_classes_of(config)}; use a teacher trained on the same data."
+            f"{num_classes_of(tc)} classes but the student uses {config.data.dataset} with "
+            f"{num_classes_of(config)}; use a teacher trained on the same data."
         )
     return tc
 
 
 def load_teacher(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Any, dict]:
     """(teacher model computing in the student's precision, replicated eval variables)."""
-    from apjax.eval_lib import restore_state
-
     tc = teacher_config(config)
     workdir = os.path.expanduser(config.distill.teacher_workdir)
     _, state, _ = restore_state(tc, workdir, config.distill.teacher_checkpoint)
-    model = train_lib.create_model(
-        tc.model, num_classes=train_lib.num_classes_of(tc), dtype=train_lib.PRECISIONS[config.precision]
-    )
+    model = create_model(tc.model, num_classes=num_classes_of(tc), dtype=PRECISIONS[config.precision])
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     return model, jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
 
@@ -272,7 +275,7 @@ def make_distill_step(
 
     Augments the batch on the device, then one :func:`distill_loss` and its gradient, then the update.
     ``base_loss`` is ``'kd'`` (distillation) or ``'bce'`` (pruning's fine-tuning). Pruning masks in the
-    state are honoured by :func:`apjax.train_lib.apply_gradients`.
+    state are honoured by :func:`apjax.trainer.state.apply_gradients`.
 
     Metrics (on the device): ``loss``, ``bce``, ``kd`` (with ``'kd'`` only), ``match`` (0 without
     matching), ``lr``.
@@ -283,8 +286,8 @@ def make_distill_step(
     image_size, crop_scale = config.data.image_size, tuple(config.data.crop_scale)
     grad_fn = jax.value_and_grad(distill_loss, has_aux=True)
 
-    def step(state: train_lib.TrainState, teacher_vars, batch):
-        aug_key, dropout_key, mask_key = train_lib.step_keys(state, 3)
+    def step(state: TrainState, teacher_vars, batch):
+        aug_key, dropout_key, mask_key = step_keys(state, 3)
         x = train_augment(
             aug_key,
             batch["images"],
@@ -299,7 +302,7 @@ def make_distill_step(
             state.params, student, state.batch_stats, teacher, teacher_vars, x, labels, d,
             dropout_key, mask_key, base_loss,
         )  # fmt: skip
-        new_state = train_lib.apply_gradients(state, tx, grads, aux["batch_stats"])
+        new_state = apply_gradients(state, tx, grads, aux["batch_stats"])
         return new_state, {"loss": loss, "lr": lr_fn(state.step), **aux["parts"]}
 
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -362,7 +365,7 @@ class SimilarityEval:
             ]
         return self._targets[key]
 
-    def __call__(self, state: train_lib.TrainState, cache: HostCache) -> dict[str, float]:
+    def __call__(self, state: TrainState, cache: HostCache) -> dict[str, float]:
         student_vars = {"params": state.params, "batch_stats": state.batch_stats}
         outs = [
             (*self._student_step(student_vars, b["images"], b["extents"], seed, maps), b["valid"])
@@ -370,24 +373,8 @@ class SimilarityEval:
                 eval_batches(cache, self.batch_size, self.mesh), self.teacher_targets(cache), strict=True
             )
         ]
-        logits = np.concatenate([train_lib.valid_rows(lg, v) for lg, _, v in outs])
-        cos = np.concatenate([train_lib.valid_rows(c, v) for _, c, v in outs])
-        m = train_lib.classification_summary(logits, cache.labels)
+        logits = np.concatenate([valid_rows(lg, v) for lg, _, v in outs])
+        cos = np.concatenate([valid_rows(c, v) for _, c, v in outs])
+        m = classification_summary(logits, cache.labels)
         m["map_cos"] = float(np.mean(cos))
         return m
-
-
-def distill_task(
-    config: ml_collections.ConfigDict, num_classes: int, mesh: Mesh, lr_fn: optax.Schedule
-) -> train_lib.Task:
-    """The ``distill`` task for the common training loop."""
-    teacher, teacher_vars = load_teacher(config, mesh)
-    student = train_lib.build_model(config, num_classes)
-    tx = train_lib.create_optimizer(config, lr_fn)
-    step = make_distill_step(student, teacher, tx, lr_fn, config, mesh)
-    return train_lib.Task(
-        init_state=lambda: train_lib.create_train_state(config, student, tx),
-        abstract_init=lambda sharding: train_lib.abstract_train_state(config, student, tx, sharding),
-        train_step=lambda state, batch: step(state, teacher_vars, batch),
-        evaluate=SimilarityEval(student, teacher, teacher_vars, config, mesh),
-    )

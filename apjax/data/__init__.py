@@ -23,6 +23,7 @@ from apjax.data.cache import ORIGINAL, HostCache, check_cache_size, get_cache, s
 from apjax.data.synthetic import CLASS_NAMES, SyntheticConfig
 from apjax.data.synthetic_builder import prepare_synthetic
 from apjax.data.voc import VOC_CLASSES, VOC_SPLIT_SIZES, load_voc_split, prepare_voc
+from apjax.errors import ConfigError
 
 DATASETS = ("synthetic", "voc")
 SPLITS = ("train", "val", "segmentation_val")
@@ -30,13 +31,13 @@ SPLITS = ("train", "val", "segmentation_val")
 
 def _check(dataset: str, split: str) -> None:
     if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}.")
+        raise ConfigError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}.")
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {list(SPLITS)}.")
+        raise ConfigError(f"unknown split {split!r}; choose one of {list(SPLITS)}.")
 
 
 def check_data_config(data) -> None:
-    """Validates a ``config.data`` block (called by ``train_lib.validate_config``); one-sentence errors.
+    """Validates a ``config.data`` block (called by :func:`apjax.tasks.validate_config`); one-sentence errors.
 
     Checks the dataset name, ``cache_size`` (0: original resolution; N > 0: squash to N x N) and
     ``split_sizes``: for the synthetic benchmark each split needs at least one image; for VOC it is
@@ -50,7 +51,7 @@ def check_data_config(data) -> None:
     if data.dataset == "voc":
         if any(VOC_SPLIT_SIZES.get(split) != n for split, n in sizes.items()):
             official = ", ".join(f"{s} {n:,}" for s, n in VOC_SPLIT_SIZES.items())
-            raise ValueError(
+            raise ConfigError(
                 f"config.data.split_sizes={sizes} cannot apply to VOC, whose splits are the official image "
                 f"lists ({official} images): remove split_sizes (for a smaller run use data=synthetic, or "
                 "prepare VOC from a copy whose ImageSets lists are shorter)."
@@ -58,10 +59,10 @@ def check_data_config(data) -> None:
         return
     unknown = sorted(set(sizes) - set(SPLITS))
     if unknown:
-        raise ValueError(f"unknown config.data.split_sizes {unknown}; the splits are {list(SPLITS)}.")
+        raise ConfigError(f"unknown config.data.split_sizes {unknown}; the splits are {list(SPLITS)}.")
     bad = {s: n for s, n in sizes.items() if isinstance(n, bool) or not isinstance(n, int) or n < 1}
     if bad:
-        raise ValueError(f"config.data.split_sizes must give each split at least one image, got {bad}.")
+        raise ConfigError(f"config.data.split_sizes must give each split at least one image, got {bad}.")
 
 
 def class_names(dataset: str, synthetic: SyntheticConfig | None = None) -> tuple[str, ...]:

@@ -38,6 +38,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from apjax.errors import ConfigError, UnreadableError
+
 _FORMAT = 2
 # cache_size value of the faithful layout: every image at its original resolution.
 ORIGINAL = 0
@@ -83,9 +85,9 @@ class HostCache:
 
 
 def check_cache_size(cache_size, name: str = "cache_size") -> int:
-    """``cache_size`` as an int (0: original resolution, N > 0: squash to N x N); else a ValueError."""
+    """``cache_size`` as an int (0: original resolution, N > 0: squash to N x N); else a ConfigError."""
     if isinstance(cache_size, bool) or not isinstance(cache_size, int | np.integer) or cache_size < 0:
-        raise ValueError(
+        raise ConfigError(
             f"{name} must be 0 (images at their original resolution, the reference's pipeline) or a "
             f"positive side N (squash every image to NxN, a deviation), got {cache_size!r}."
         )
@@ -113,17 +115,17 @@ def _decode(source, index: int, cache_size: int, with_masks: bool) -> tuple:
             f"example {index} of the prepared dataset {where} cannot be read ({_one_line(e)}); delete that "
             "folder and prepare the dataset again (the synthetic benchmark is regenerated on the next run)."
         )
-        raise (OSError if isinstance(e, OSError) else ValueError)(message) from e
+        raise (UnreadableError if isinstance(e, OSError) else ConfigError)(message) from e
     image = np.asarray(ex["image"], np.uint8)
     if image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
-        raise ValueError(f"image {index} has shape {image.shape}; expected (H, W, 3) uint8.")
+        raise ConfigError(f"image {index} has shape {image.shape}; expected (H, W, 3) uint8.")
     image_id = ex.get("image_id", str(index))
     image_id = image_id.decode() if isinstance(image_id, bytes) else str(image_id)
     mask = None
     if with_masks:
         mask = np.asarray(ex["mask"], np.uint8).reshape(ex["mask"].shape[:2])
         if mask.shape != image.shape[:2]:
-            raise ValueError(
+            raise ConfigError(
                 f"the mask of {image_id} is {mask.shape} but its image is {image.shape[:2]}; "
                 "re-prepare the dataset."
             )
@@ -222,7 +224,7 @@ def build_cache(
     directory = Path(directory)
     n = len(source)
     if n == 0:
-        raise ValueError(f"the split to cache into {directory} is empty; re-prepare the dataset.")
+        raise ConfigError(f"the split to cache into {directory} is empty; re-prepare the dataset.")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
@@ -301,7 +303,7 @@ def load_cache(directory: str | os.PathLike) -> HostCache:
         if any(len(a) != meta["count"] for a in arrays + ([cache.masks] if with_masks else [])):
             raise ValueError(f"its arrays do not all hold the {meta['count']} images its meta.json counts")
     except (OSError, ValueError, KeyError, EOFError) as e:  # truncated or damaged files
-        raise ValueError(
+        raise ConfigError(
             f"the host cache {directory} is damaged ({_one_line(e)}); delete that folder and the next run "
             "rebuilds it."
         ) from e

@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from apjax.data.augment import resize_masks_nearest
 from apjax.data.cache import HostCache
+from apjax.errors import ConfigError
 
 
 def data_mesh(devices: list | None = None) -> Mesh:
@@ -37,10 +38,10 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
-    """Raises ``ValueError`` unless the global batch splits evenly over devices and processes."""
+    """Raises ``ConfigError`` unless the global batch splits evenly over devices and processes."""
     n_dev, n_proc = mesh.devices.size, jax.process_count()
     if global_batch_size < 1 or global_batch_size % n_dev or global_batch_size % n_proc:
-        raise ValueError(
+        raise ConfigError(
             f"batch_size={global_batch_size} does not split evenly over {n_dev} devices in "
             f"{n_proc} process(es); use a multiple of {n_dev}."
         )
@@ -65,7 +66,7 @@ class TrainBatches:
     def __init__(self, cache: HostCache, global_batch_size: int, seed: int, mesh: Mesh):
         check_batch_size(global_batch_size, mesh)
         if len(cache) < global_batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"the training split has {len(cache)} images, fewer than batch_size="
                 f"{global_batch_size}; lower the batch size or use a larger split."
             )
@@ -150,7 +151,7 @@ def eval_masks(cache: HostCache, out_size: int, chunk: int = 256) -> np.ndarray:
     the slot padding is never read (:func:`apjax.data.augment.resize_masks_nearest`).
     """
     if cache.masks is None:
-        raise ValueError("this split has no masks; localisation needs the segmentation_val split.")
+        raise ConfigError("this split has no masks; localisation needs the segmentation_val split.")
     resize = _resize_masks_jit()
     return np.concatenate(
         [

@@ -33,11 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from apjax.data.voc import VocDataError, prepare_voc
+    from apjax.data.voc import prepare_voc
+    from apjax.errors import ConfigError
 
     try:
         sizes = prepare_voc(args.data_dir, args.manual_dir)
-    except (FileNotFoundError, VocDataError) as e:  # one sentence that says what to do
+    except ConfigError as e:  # one sentence that says what to do (a missing or invalid VOC source)
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"PASCAL VOC 2012 prepared in {args.data_dir}:")

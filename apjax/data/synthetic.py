@@ -99,6 +99,8 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
+from apjax.errors import ConfigError
+
 __all__ = [
     "CLASS_NAMES",
     "CUE_AMPLITUDE",
@@ -381,48 +383,50 @@ class SyntheticConfig:
         for name in ("num_classes", "image_size", "min_objects", "max_objects", "num_distractors", "seed"):
             value = getattr(self, name)
             if not _is_int(value):
-                raise ValueError(f"{name}={value!r} must be an integer.")
+                raise ConfigError(f"{name}={value!r} must be an integer.")
         if self.num_classes < 1 or self.num_classes > N_FAMILIES:
             if self.num_classes < 1:
-                raise ValueError(f"num_classes={self.num_classes} must be at least 1.")
-            raise ValueError(
+                raise ConfigError(f"num_classes={self.num_classes} must be at least 1.")
+            raise ConfigError(
                 f"num_classes={self.num_classes} exceeds the {N_FAMILIES} shape families of "
                 f"the synthetic benchmark; use at most {N_FAMILIES}."
             )
         if self.image_size < MIN_IMAGE_SIZE:
-            raise ValueError(
+            raise ConfigError(
                 f"image_size={self.image_size} is too small for the shapes to be recognisable; "
                 f"use at least {MIN_IMAGE_SIZE}."
             )
         if self.min_objects < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"min_objects={self.min_objects} must be at least 1, since every image needs a "
                 "labelled object."
             )
         if self.min_objects > self.max_objects:
-            raise ValueError(
+            raise ConfigError(
                 f"min_objects={self.min_objects} is larger than max_objects={self.max_objects}; "
                 "set min_objects <= max_objects."
             )
         if self.max_objects > self.num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"max_objects={self.max_objects} exceeds num_classes={self.num_classes}, but "
                 "the objects of an image have distinct classes; use max_objects <= num_classes."
             )
         if self.min_objects > self.image_size // 4:
-            raise ValueError(
+            raise ConfigError(
                 f"min_objects={self.min_objects} objects cannot all stay visible in a "
                 f"{self.image_size}x{self.image_size} image; use at most image_size // 4 = "
                 f"{self.image_size // 4} or a larger image_size."
             )
         if self.num_distractors < 0:
-            raise ValueError(f"num_distractors={self.num_distractors} is negative; use 0 for no distractors.")
+            raise ConfigError(
+                f"num_distractors={self.num_distractors} is negative; use 0 for no distractors."
+            )
         if self.seed < 0:
-            raise ValueError(f"seed={self.seed} is negative; use a non-negative integer seed.")
+            raise ConfigError(f"seed={self.seed} is negative; use a non-negative integer seed.")
         for name in ("context_prob", "context_noise"):
             value = getattr(self, name)
             if not _is_real(value) or not 0.0 <= float(value) <= 1.0:
-                raise ValueError(f"{name}={value!r} is not a probability; use a value in [0, 1].")
+                raise ConfigError(f"{name}={value!r} is not a probability; use a value in [0, 1].")
 
 
 # ----------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from etils import epath
 from PIL import Image
 
 from apjax.data.synthetic import CLASS_NAMES, SPLITS, SyntheticConfig, generate_example
+from apjax.errors import ConfigError
 
 DEFAULT_SPLIT_SIZES = {"train": 4000, "val": 1000, "segmentation_val": 500}
 
@@ -49,10 +50,10 @@ def builder_config(
     sizes = {**DEFAULT_SPLIT_SIZES, **(split_sizes or {})}
     unknown = set(sizes) - set(SPLITS)
     if unknown:
-        raise ValueError(f"unknown synthetic splits {sorted(unknown)}; the splits are {list(SPLITS)}.")
+        raise ConfigError(f"unknown synthetic splits {sorted(unknown)}; the splits are {list(SPLITS)}.")
     for split, n in sizes.items():
         if int(n) < 1:
-            raise ValueError(f"split {split!r} must have at least one image, got {n}.")
+            raise ConfigError(f"split {split!r} must have at least one image, got {n}.")
     g = generator
     name = (
         f"k{g.num_classes}_s{g.image_size}_o{g.min_objects}-{g.max_objects}_d{g.num_distractors}"

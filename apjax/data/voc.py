@@ -37,6 +37,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
+from apjax.errors import ConfigError, MissingFileError
+
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane",
     "bicycle",
@@ -94,11 +96,11 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(MissingFileError):
     """VOC source files (or the prepared dataset) are missing."""
 
 
-class VocDataError(ValueError):
+class VocDataError(ConfigError):
     """A VOC source file exists but its content is invalid."""
 
 
@@ -499,7 +501,7 @@ def load_voc_split(data_dir: str | os.PathLike, split: str):
     uint8 (H, W, 1) of class indices (255 = void).
     """
     if split not in _SPLITS:
-        raise ValueError(f"Unknown PASCAL VOC 2012 split {split!r}: use one of {sorted(_SPLITS)}.")
+        raise ConfigError(f"Unknown PASCAL VOC 2012 split {split!r}: use one of {sorted(_SPLITS)}.")
     config, tfds_split = _SPLITS[split]
     data_dir = Path(data_dir).expanduser().resolve()
     builder = ApjaxVoc2012(config=config, data_dir=os.fspath(data_dir))

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from apjax.errors import ConfigError
 from apjax.models.taps import tap_gradients, tap_shapes, top1_seed
 from apjax.models.vgg import (
     INITS,
@@ -41,9 +42,9 @@ def variant_widths(name: str) -> tuple:
         items = [w.strip() for w in name.split(",")]
         if all(w == "M" or w.isdigit() and int(w) > 0 for w in items) and any(w != "M" for w in items):
             return tuple(w if w == "M" else int(w) for w in items)
-        raise ValueError(f"model {name!r} is not a list of positive conv widths and 'M' pools.")
+        raise ConfigError(f"model {name!r} is not a list of positive conv widths and 'M' pools.")
     if name not in VARIANTS:
-        raise ValueError(
+        raise ConfigError(
             f"unknown model {name!r}; choose one of {sorted(VARIANTS)} or give widths like '8,8,M,16,M'."
         )
     return VARIANTS[name]
@@ -66,9 +67,9 @@ def create_model(
     widths = variant_widths(model) if isinstance(model, str) else tuple(model)
     for w in widths:
         if w != "M" and (not isinstance(w, int) or w < 1):
-            raise ValueError(f"widths must be positive integers or 'M', got {w!r} in {widths}.")
+            raise ConfigError(f"widths must be positive integers or 'M', got {w!r} in {widths}.")
     if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; choose one of {list(INITS)}.")
+        raise ConfigError(f"unknown init {init!r}; choose one of {list(INITS)}.")
     return VGG(
         widths=widths, num_classes=num_classes, dtype=dtype, dropout_rate=dropout_rate, weight_init=init
     )

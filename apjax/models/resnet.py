@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from apjax.errors import ConfigError
 from apjax.models.torch_import import take_entry
 from apjax.models.vgg import INITS, layer_inits
 
@@ -48,9 +49,9 @@ def parse_resnet(name: str) -> tuple[int, int]:
     base, _, div = name.partition("/")
     depth = base.removeprefix("resnet")
     if not (base.startswith("resnet") and depth.isdigit() and int(depth) in DEPTHS):
-        raise ValueError(f"unknown ResNet {name!r}; choose resnet18 or resnet50, optionally /2, /4 or /8.")
+        raise ConfigError(f"unknown ResNet {name!r}; choose resnet18 or resnet50, optionally /2, /4 or /8.")
     if div and not (div.isdigit() and int(div) >= 1):
-        raise ValueError(f"the width divisor of {name!r} must be a positive integer, like resnet18/4.")
+        raise ConfigError(f"the width divisor of {name!r} must be a positive integer, like resnet18/4.")
     return int(depth), int(div or 1)
 
 
@@ -147,12 +148,12 @@ class ResNet(nn.Module):
         ``offsets`` (tap name -> array of that tap's shape) are added at the taps, as in VGG.
         """
         if self.weight_init not in INITS:
-            raise ValueError(f"unknown init {self.weight_init!r}; choose one of {list(INITS)}.")
+            raise ConfigError(f"unknown init {self.weight_init!r}; choose one of {list(INITS)}.")
         kind, blocks = DEPTHS[self.depth]
         offsets = dict(offsets or {})
         unknown = [t for t in (*taps, *offsets) if t not in TAPS]
         if unknown:
-            raise ValueError(f"unknown taps {unknown}; this net's taps are {list(TAPS)}.")
+            raise ConfigError(f"unknown taps {unknown}; this net's taps are {list(TAPS)}.")
         acts = {}
 
         def tap(name: str, y: jnp.ndarray) -> jnp.ndarray:
@@ -191,7 +192,7 @@ def create_resnet(
     """A :class:`ResNet` from a name: ``'resnet18'``, ``'resnet50'``, or a student ``'resnet18/4'``."""
     depth, divisor = parse_resnet(name)
     if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; choose one of {list(INITS)}.")
+        raise ConfigError(f"unknown init {init!r}; choose one of {list(INITS)}.")
     return ResNet(
         depth=depth, divisor=divisor, num_classes=num_classes, dropout_rate=dropout_rate, dtype=dtype,
         weight_init=init,
@@ -201,7 +202,7 @@ def create_resnet(
 def init_resnet_variables(model: ResNet, key: jax.Array, image_size: int) -> dict[str, Any]:
     """``{'params', 'batch_stats'}`` for square inputs of side ``image_size`` (at least 32)."""
     if image_size < 32:
-        raise ValueError(f"image_size={image_size} is too small for a ResNet (5 halvings); use at least 32.")
+        raise ConfigError(f"image_size={image_size} is too small for a ResNet (5 halvings); use at least 32.")
     variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, image_size, image_size, 3))))(key)
     return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from apjax.errors import ConfigError, MissingFileError, MissingKeyError
 from apjax.models.vgg import conv_names
 
 
@@ -64,7 +65,7 @@ _CONVERT_HINT = (
 )
 
 
-class _Refusal(ValueError):
+class _Refusal(ConfigError):
     """A one-sentence refusal raised while unpickling (other errors there get wrapped into one)."""
 
 
@@ -198,21 +199,21 @@ def _read_torch_zip(path: str) -> Any:
         with open(path, "rb") as f:
             head = f.read(len(_LEGACY_MAGIC))
         if head == _LEGACY_MAGIC:
-            raise ValueError(
+            raise ConfigError(
                 f"{path} is in torch's legacy format (torch < 1.6 or _use_new_zipfile_serialization=False), "
                 f"which apjax cannot read without torch; {_CONVERT_HINT}."
             )
-        raise ValueError(f"{path} is not a torch.save zip archive (torch >= 1.6); {_CONVERT_HINT}.")
+        raise ConfigError(f"{path} is not a torch.save zip archive (torch >= 1.6); {_CONVERT_HINT}.")
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
         pickles = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
         if len(pickles) != 1:
-            raise ValueError(
+            raise ConfigError(
                 f"{path} is a zip file but no torch.save archive (no data.pkl); {_CONVERT_HINT}."
             )
         prefix = pickles[0].split("/")[0]
         if f"{prefix}/constants.pkl" in names or any(n.startswith(f"{prefix}/code/") for n in names):
-            raise ValueError(
+            raise ConfigError(
                 f"{path} is a TorchScript archive (torch.jit.save), not a state dict; save the weights with "
                 "torch.save(model.state_dict(), path) or convert them to .npz."
             )
@@ -220,7 +221,7 @@ def _read_torch_zip(path: str) -> Any:
         if f"{prefix}/byteorder" in names:
             byteorder = archive.read(f"{prefix}/byteorder").decode("ascii", "replace").strip()
             if byteorder not in ("little", "big"):
-                raise ValueError(
+                raise ConfigError(
                     f"{path} has an unknown byteorder record {byteorder!r}; the file is damaged."
                 )
         unpickler = _StateDictUnpickler(archive.read(pickles[0]), archive, prefix, byteorder, path)
@@ -229,7 +230,7 @@ def _read_torch_zip(path: str) -> Any:
         except _Refusal:
             raise  # our own one-sentence refusals
         except Exception as e:  # anything the pickle machinery raises on a malformed stream
-            raise ValueError(
+            raise ConfigError(
                 f"{path} has a malformed pickle ({type(e).__name__}: {e}); {_CONVERT_HINT}."
             ) from e
 
@@ -244,34 +245,34 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
       ``{key: array}`` with each tensor's shape and dtype (float16, ``ml_dtypes.bfloat16``, int64, ...).
     """
     if not os.path.exists(path):
-        raise FileNotFoundError(f"weight file {path} does not exist; check the path.")
+        raise MissingFileError(f"weight file {path} does not exist; check the path.")
     if path.endswith(".npz"):
         with np.load(path) as f:
             return {k: np.asarray(f[k]) for k in f.files}
     if not path.endswith((".pth", ".pt", ".pth.tar")):
-        raise ValueError(f"unknown weight file type {path}; use a .pth/.pt (torch.save) or .npz file.")
+        raise ConfigError(f"unknown weight file type {path}; use a .pth/.pt (torch.save) or .npz file.")
     obj = _read_torch_zip(path)
     if isinstance(obj, Mapping):
         nested = [k for k in ("state_dict", "model") if isinstance(obj.get(k), Mapping)]
         obj = obj[nested[0]] if nested else obj
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict (a dict of tensors).")
+        raise ConfigError(f"{path} holds a {type(obj).__name__}, not a state dict (a dict of tensors).")
     sd = {k: v for k, v in obj.items() if isinstance(v, np.ndarray)}
     if not sd or not all(isinstance(k, str) for k in sd):
-        raise ValueError(f"{path} holds no state dict (a dict with string keys and tensor values).")
+        raise ConfigError(f"{path} holds no state dict (a dict with string keys and tensor values).")
     return sd
 
 
 def take_entry(sd: Mapping[str, np.ndarray], key: str, shape: tuple[int, ...]) -> np.ndarray:
     """``sd[key]`` as float32 of exactly ``shape``; one-sentence errors for a missing key or another shape."""
     if key not in sd:
-        raise KeyError(
+        raise MissingKeyError(
             f"the state dict has no {key!r}; it does not match this model's widths "
             "(a torchvision state dict of the same architecture is expected)."
         )
     value = np.asarray(sd[key], np.float32)
     if value.shape != shape:
-        raise ValueError(
+        raise ConfigError(
             f"state dict entry {key!r} has shape {value.shape} but the model expects {shape}; "
             "the weights belong to another architecture."
         )
@@ -322,7 +323,7 @@ def import_torchvision_vgg_bn(
         channels = next(int(w) for w in reversed(list(widths)) if w != "M")
         side = int(round((fan_in // channels) ** 0.5))
         if side * side * channels != fan_in:
-            raise ValueError(f"the head's input size {fan_in} is not C x H x H for C={channels}.")
+            raise ConfigError(f"the head's input size {fan_in} is not C x H x H for C={channels}.")
         w = take_entry(state_dict, f"{head_prefix}.weight", (k, fan_in))
         # torch rows are (C, H, W)-ordered; apjax rows are (H, W, C)-ordered.
         w = w.reshape(k, channels, side, side).transpose(2, 3, 1, 0).reshape(fan_in, k)

@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from apjax.errors import ConfigError
+
 VGG16_WIDTHS: tuple = (
     64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
 )  # fmt: skip
@@ -62,7 +64,7 @@ def layer_inits(init: str, fan_in: int, kind: str) -> dict[str, Any]:
         if kind == "conv":
             return {"kernel_init": nn.initializers.variance_scaling(2.0, "fan_out", "normal")}
         return {"kernel_init": nn.initializers.normal(stddev=0.01)}
-    raise ValueError(f"unknown init {init!r}; choose one of {list(INITS)}.")
+    raise ConfigError(f"unknown init {init!r}; choose one of {list(INITS)}.")
 
 
 def tap_names(widths: Sequence[int | str]) -> tuple[str, ...]:
@@ -93,10 +95,10 @@ def feature_size(widths: Sequence[int | str], image_size: int) -> int:
 
 
 def check_input_size(widths: Sequence[int | str], image_size: int) -> None:
-    """Raises ``ValueError`` when the image is too small for the net's pools."""
+    """Raises ``ConfigError`` when the image is too small for the net's pools."""
     pools = sum(1 for w in widths if w == "M")
     if feature_size(widths, image_size) < 1:
-        raise ValueError(
+        raise ConfigError(
             f"image_size={image_size} is too small for a net with {pools} max-pools "
             f"(each halves the map); use an image size of at least {2**pools}."
         )
@@ -144,7 +146,7 @@ class VGG(nn.Module):
         offsets = dict(offsets or {})
         unknown = [t for t in (*taps, *offsets) if t not in known]
         if unknown:
-            raise ValueError(f"unknown taps {unknown}; this net's taps are {list(known)}.")
+            raise ConfigError(f"unknown taps {unknown}; this net's taps are {list(known)}.")
         acts = {}
 
         def tap(name: str, y: jnp.ndarray) -> jnp.ndarray:

@@ -1,9 +1,10 @@
-"""Evaluation runs: classification of a checkpoint; localisation of attribution maps, tables and figures."""
+"""Evaluation of trained runs: classification of a checkpoint; localisation of attribution maps, tables and
+figures (the report ``eval.py`` and the sweep write). Restoring a checkpoint is the trainer's
+(:mod:`apjax.trainer.checkpoints`); this module sits above the tasks."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable
@@ -14,78 +15,23 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from apjax import train_lib
 from apjax.attribution.maps import upsample_map
 from apjax.compress.unstructured import count_nonzero_params
 from apjax.data import class_names
 from apjax.data.augment import eval_preprocess
 from apjax.data.pipeline import data_mesh, eval_masks
+from apjax.errors import ConfigError
+from apjax.localization_table import localization_table
 from apjax.models import count_params
+from apjax.trainer.checkpoints import restore_state
+from apjax.trainer.config import load_data, num_classes_of, synthetic_config
+from apjax.trainer.evaluation import evaluate, make_eval_step, predict
+from apjax.trainer.files import load_workdir_config, write_json_atomic, write_text_atomic
 
-CHECKPOINTS = ("best", "latest")
 # The layout of localization.json; a sweep re-evaluates a report written in an older layout.
 REPORT_FORMAT = 2
-
-
-def load_workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """The ``config.json`` a training run saved in ``workdir``, with the model its weights have.
-
-    A structurally pruned run records its smaller widths in ``model.json``; they replace ``model``.
-    """
-    workdir = Path(workdir).expanduser()
-    path = workdir / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} does not exist; pass the --workdir of a training run (it holds config.json)."
-        )
-    config = ml_collections.ConfigDict(json.loads(path.read_text()))
-    model_file = workdir / "model.json"
-    if model_file.exists():
-        config.model = json.loads(model_file.read_text())["model"]
-    return config
-
-
-def checkpoint_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Path:
-    """Where a run's checkpoints are: ``workdir`` itself, or for unstructured pruning (whose rounds are
-    runs in ``round_XX/``) its last round that exists."""
-    workdir = Path(workdir)
-    if config.task == "prune_unstructured":
-        rounds = sorted(p for p in workdir.glob("round_[0-9][0-9]") if p.is_dir())
-        if rounds:
-            return rounds[-1]
-    return workdir
-
-
-def restore_state(config: ml_collections.ConfigDict, workdir: str | os.PathLike, which: str):
-    """(model, state, meta) of the ``which`` ('best' or 'latest') checkpoint of ``workdir``."""
-    if which not in CHECKPOINTS:
-        raise ValueError(f"unknown checkpoint {which!r}; choose one of {list(CHECKPOINTS)}.")
-    model = train_lib.build_model(config, train_lib.num_classes_of(config))
-    tx = train_lib.create_optimizer(config, train_lib.create_learning_rate_fn(config, 1))
-    # Restoring never reads config.init_from: the checkpoint holds the weights.
-    abstract = train_lib.abstract_train_state(config, model, tx, NamedSharding(data_mesh(), PartitionSpec()))
-    workdir = checkpoint_workdir(config, workdir)
-    checkpoints = train_lib.Checkpoints(workdir)
-    try:
-        manager = checkpoints.best if which == "best" else checkpoints.latest
-        try:
-            restored = train_lib.Checkpoints.restore(manager, abstract)
-        except (ValueError, KeyError) as e:
-            raise ValueError(
-                f"the {which} checkpoint in {workdir} does not match its config's model "
-                f"({config.model}, {train_lib.num_classes_of(config)} classes): {e}"
-            ) from e
-    finally:
-        checkpoints.close()
-    if restored is None:
-        raise FileNotFoundError(
-            f"{workdir} has no {which} checkpoint yet; train first (train.py --workdir {workdir})."
-        )
-    state, meta = restored
-    return model, state, meta
 
 
 def evaluate_workdir(
@@ -98,14 +44,14 @@ def evaluate_workdir(
     workdir = Path(workdir).expanduser().absolute()
     config = config or load_workdir_config(workdir)
     if split not in ("train", "val", "segmentation_val"):
-        raise ValueError(f"unknown split {split!r}; choose train, val or segmentation_val.")
+        raise ConfigError(f"unknown split {split!r}; choose train, val or segmentation_val.")
     model, state, meta = restore_state(config, workdir, which)
     mesh = data_mesh()
-    cache = train_lib.load_data(config, splits=(split,))[split]
-    eval_step = train_lib.make_eval_step(model, config.data.image_size, mesh)
+    cache = load_data(config, splits=(split,))[split]
+    eval_step = make_eval_step(model, config.data.image_size, mesh)
     bs = max(config.batch_size, mesh.devices.size)
     with jax.set_mesh(mesh):
-        metrics = train_lib.evaluate(eval_step, state.params, state.batch_stats, cache, bs, mesh)
+        metrics = evaluate(eval_step, state.params, state.batch_stats, cache, bs, mesh)
     result = {
         "workdir": str(workdir),
         "checkpoint": which,
@@ -114,7 +60,7 @@ def evaluate_workdir(
         **metrics,
     }
     if jax.process_index() == 0:
-        train_lib.write_json_atomic(workdir / f"eval_{which}_{split}.json", result)
+        write_json_atomic(workdir / f"eval_{which}_{split}.json", result)
     return result
 
 
@@ -183,12 +129,12 @@ def _check_comparable(runs: list[EvalRun]) -> None:
         same = (
             c.data.dataset == first.data.dataset
             and c.data.image_size == first.data.image_size
-            and train_lib.num_classes_of(c) == train_lib.num_classes_of(first)
+            and num_classes_of(c) == num_classes_of(first)
         )
         if not same:
-            raise ValueError(
+            raise ConfigError(
                 f"{r.workdir} was trained on other data ({c.data.dataset}, {c.data.image_size}px, "
-                f"{train_lib.num_classes_of(c)} classes) than {runs[0].workdir}; compare runs of one dataset."
+                f"{num_classes_of(c)} classes) than {runs[0].workdir}; compare runs of one dataset."
             )
 
 
@@ -282,27 +228,28 @@ def localization_report(
 ) -> dict:
     """Classification and localisation of a teacher (first workdir) and its students, per method.
 
-    For each run: the val classification metrics (:func:`apjax.train_lib.classification_summary`), what
-    chose its checkpoint, its parameter counts (``params``: all; ``params_nonzero``: the non-zero ones,
-    head included; ``params_conv_bn``: :func:`conv_bn_param_count`, the paper's count for unstructured
-    pruning); on ``segmentation_val``, for each method, :func:`evaluate_localization` of its maps: mean
-    per-pixel ROC-AUC and pointing accuracy over the run's pairs (class in the mask AND predicted), the
-    reference's cumulative pointing variant, the count of constant maps and, for each student, the cosine
-    similarity and l2 distance of its maps to the teacher's (min-max normalised at the input size) on the
-    pairs both predict. Writes ``localization.json``, ``localization.md`` and ``figures/<method>.png`` to
-    ``out_dir`` (default: ``<first workdir>/localization``).
+    For each run: the val classification metrics
+    (:func:`apjax.trainer.evaluation.classification_summary`), what chose its checkpoint, its parameter
+    counts (``params``: all; ``params_nonzero``: the non-zero ones, head included; ``params_conv_bn``:
+    :func:`conv_bn_param_count`, the paper's count for unstructured pruning); on ``segmentation_val``, for
+    each method, :func:`evaluate_localization` of its maps: mean per-pixel ROC-AUC and pointing accuracy
+    over the run's pairs (class in the mask AND predicted), the reference's cumulative pointing variant,
+    the count of constant maps and, for each student, the cosine similarity and l2 distance of its maps to
+    the teacher's (min-max normalised at the input size) on the pairs both predict. Writes
+    ``localization.json``, ``localization.md`` and ``figures/<method>.png`` to ``out_dir`` (default:
+    ``<first workdir>/localization``).
     """
     from apjax import localization as loc
     from apjax.attribution.methods import LABELS, METHODS, attribution_fn
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown attribution methods {unknown}; choose from {list(METHODS)}.")
+        raise ConfigError(f"unknown attribution methods {unknown}; choose from {list(METHODS)}.")
     runs = [load_run(w, which) for w in workdirs]
     _check_comparable(runs)
     first = runs[0].config
     size = first.data.image_size
-    caches = train_lib.load_data(first, splits=("val", "segmentation_val"))
+    caches = load_data(first, splits=("val", "segmentation_val"))
     seg = caches["segmentation_val"]
     masks = eval_masks(seg, size)  # each resized once (NEAREST) from its stored mask
     mesh = data_mesh()
@@ -318,10 +265,10 @@ def localization_report(
     pairs, fns = {}, {}
     with jax.set_mesh(mesh):
         for r in runs:
-            eval_step = train_lib.make_eval_step(r.model, size, mesh)
+            eval_step = make_eval_step(r.model, size, mesh)
             params, stats = r.variables["params"], r.variables["batch_stats"]
-            val = train_lib.evaluate(eval_step, params, stats, caches["val"], bs, mesh)
-            seg_logits = train_lib.predict(eval_step, params, stats, seg, bs, mesh)
+            val = evaluate(eval_step, params, stats, caches["val"], bs, mesh)
+            seg_logits = predict(eval_step, params, stats, seg, bs, mesh)
             pairs[r.name] = loc.localization_pairs(masks, seg_logits)
             results["runs"][r.name] = {
                 "workdir": str(r.workdir),
@@ -376,8 +323,8 @@ def localization_report(
     out = Path(out_dir) if out_dir else runs[0].workdir / "localization"
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        train_lib.write_json_atomic(out / "localization.json", results)
-        train_lib.write_text_atomic(out / "localization.md", localization_table(results, LABELS))
+        write_json_atomic(out / "localization.json", results)
+        write_text_atomic(out / "localization.md", localization_table(results, LABELS))
     return results
 
 
@@ -386,86 +333,6 @@ def _common(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     keys = {tuple(x) for x in b.tolist()}
     rows = [x for x in a.tolist() if tuple(x) in keys]
     return np.asarray(rows, np.int64).reshape(-1, 2)
-
-
-LOCALIZATION_COLUMNS = (
-    "model",
-    "method",
-    "checkpoint",
-    "VOC mAP",
-    "VOC mAP (devkit AP)",
-    "per-image AP (paper's mAP)",
-    "F1 (p > 0.5)",
-    "F1 (logit >= 0.5, paper's F1)",
-    "AUC",
-    "Point",
-    "Point (ref., classes <= k)",
-    "Cos",
-    "l2",
-    "pairs (AUC, Point)",
-    "pairs with the teacher (Cos, l2)",
-    "constant maps",
-)
-
-
-def _selected_by(selection: dict | None) -> str:
-    if not selection:
-        return "-"  # a report written before the selection was recorded
-    if selection.get("checkpoint") != "best":
-        return str(selection.get("checkpoint"))
-    return f"best {selection.get('best_metric', 'mAP')}"
-
-
-def localization_table(results: dict, labels: dict[str, str]) -> str:
-    """The paper's Tables 2 and 8 layout, a row per model and method, under a legend of its columns.
-
-    Columns (:data:`LOCALIZATION_COLUMNS`): the checkpoint and the val metric that chose it; val
-    classification (percent): VOC mAP with sklearn's AP and with the devkit's, the reference's per-image AP
-    (the paper's "mAP"), sample F1 at probability 0.5 and at logit >= 0.5 (the paper's F1); AUC, Point,
-    the reference's cumulative Point, Cos and l2; the pairs behind AUC and Point (the run's pairs: class
-    in the mask and predicted) and behind Cos and l2 (those the teacher predicts too); constant maps.
-    """
-    size = results.get("image_size", "?")
-    lines = [
-        "Classification on val, percent: VOC mAP = mean over classes of the non-interpolated AP (sklearn's); "
-        "devkit AP = the VOC devkit's (VOC2010+) area under the monotone precision envelope; per-image AP = "
-        "the reference's metric, the paper's mAP; F1 = sample F1 at probability 0.5 and at logit >= 0.5 "
-        "(the reference's threshold, the paper's F1). Localisation on segmentation_val over the run's pairs "
-        "(class in the mask and predicted): AUC = per-pixel ROC-AUC (pairs whose class covers some but not "
-        "all pixels); Point = the map's arg-max lies in the class's mask; Point (ref., classes <= k) = the "
-        "reference's variant, accepting the masks of the image's present classes with index <= k; Cos, l2 "
-        f"= to the teacher's map, both min-max normalised at {size}x{size}, over the pairs both predict; "
-        "constant maps have no arg-max and are misses. checkpoint: the val metric that chose it.",
-        "",
-        "| " + " | ".join(LOCALIZATION_COLUMNS) + " |",
-        "|" + "---|" * len(LOCALIZATION_COLUMNS),
-    ]
-    pct = lambda v: "-" if v is None or not np.isfinite(v) else f"{100 * v:.2f}"  # noqa: E731
-    num = lambda v, f: "-" if v is None or not np.isfinite(v) else format(v, f)  # noqa: E731
-    for name in results.get("run_order", results["runs"]):
-        r = results["runs"][name]
-        val = r["val"]
-        for method, m in r["methods"].items():
-            cells = [
-                name,
-                labels[method],
-                _selected_by(r.get("checkpoint")),
-                pct(val["mAP"]),
-                pct(val.get("mAP_devkit")),
-                pct(val.get("per_image_AP")),
-                pct(val["F1"]),
-                pct(val.get("F1_logit0.5")),
-                pct(m["AUC"]),
-                pct(m["Point"]),
-                pct(m.get("Point_ref_cumulative")),
-                num(m.get("Cos"), ".3f"),
-                num(m.get("l2"), ".2f"),
-                str(m["pairs"]),
-                str(m.get("similarity_pairs", "-")),
-                str(m["constant_maps"]),
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def _figure(runs, fns, seg, masks, teacher_pairs, size, n, label, out_dir, method) -> str | None:
@@ -487,7 +354,7 @@ def _figure(runs, fns, seg, masks, teacher_pairs, size, n, label, out_dir, metho
         return None
     chosen = np.asarray(chosen, np.int64)
     c = runs[0].config
-    synthetic = train_lib.synthetic_config(c) if c.data.dataset == "synthetic" else None
+    synthetic = synthetic_config(c) if c.data.dataset == "synthetic" else None
     names = class_names(c.data.dataset, synthetic)
     maps = {r.name: _maps_for_pairs(fns[r.name], seg, chosen, size, len(chosen)) for r in runs}
     cols = 2 + len(runs)
