@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from apjax.compress.matching import MATCHING_MAPS
 from apjax.stages import smallest_student, stage_results
 from apjax.trainer.files import write_text_atomic
 
@@ -60,7 +61,13 @@ PAPER_TABLE8 = {
     "rap": ((84.54, 69.49), (80.85, 56.87), (83.53, 65.66)),
 }
 PAPER_FIELDS = ("mAP", "F1", "AUC", "Point", "Cos", "l2")  # the order of the tuples above
-METHOD_NAMES = {"kd": "KD", "naive": "Naive", "ewa": "EWA", "swa": "SWA", "sswa": "SSWA"}
+
+
+def method_name(method: str) -> str:
+    """A method's name in tables: KD, Naive, or the matching map's label from its registry entry."""
+    base = {"kd": "KD", "naive": "Naive"}
+    return base[method] if method in base else MATCHING_MAPS[method].label
+
 
 # The columns of Tables 2 and 4-7: (header, our key, the paper's field of the same quantity or None). The
 # paper's "mAP" is the reference's per-image AP and its F1 thresholds the logit at 0.5 (SPEC section 7):
@@ -231,7 +238,7 @@ def tables(config, stages, results: dict, voc: bool) -> list[str]:
         paper_params = PAPER_PARAMS["kd_x8"] if p and s.student == "x8" else None
         cells = _metric_cells(m, p)
         rows.append(
-            [s.student, METHOD_NAMES[s.method], _params_cell(m["params_nonzero"], paper_params), *cells]
+            [s.student, method_name(s.method), _params_cell(m["params_nonzero"], paper_params), *cells]
         )
     lines += ["## Table 2: knowledge distillation (Grad-CAM at the last conv; Cos and l2 to the teacher)", ""]
     lines += _table(["student", "method", PARAMS_ALL, *headers], rows)
@@ -256,7 +263,7 @@ def tables(config, stages, results: dict, voc: bool) -> list[str]:
                 ]
             else:
                 counts = [_params_cell(m["params_nonzero"], paper_params)]
-            rows.append([METHOD_NAMES[s.method], *counts, *_metric_cells(m, p)])
+            rows.append([method_name(s.method), *counts, *_metric_cells(m, p)])
         if rows:
             count_headers = [PARAMS_ALL, PARAMS_CONV_BN] if prefix == "prune_u" else [PARAMS_ALL]
             lines += [f"## {title}", ""]
@@ -310,7 +317,7 @@ def plot_against_params(root: Path, stages, results: dict) -> list[str]:
     for s in stages:
         m = run_metrics(ev, s.name)
         if s.kind in kinds and m:
-            label = f"{kinds[s.kind]}: {METHOD_NAMES[s.method]}"
+            label = f"{kinds[s.kind]}: {method_name(s.method)}"
             points.setdefault(label, []).append((m["params_nonzero"], m["AUC"], m["Cos"]))
     teacher = run_metrics(ev, "teacher")
     written = []

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from apjax.compress.matching import matching_methods
 from configs import prune_structured, prune_unstructured, teacher_vgg16, vgg16_kd
 from configs.common import data_config, parse_arg
 
@@ -39,9 +40,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data = data_config("voc" if variant == "paper" else "synthetic", variant != "paper", None)
 
     c.students = ("x2", "x4", "x8")
-    c.kd_methods = ("kd", "ewa", "swa", "sswa")
+    c.kd_methods = ("kd", *matching_methods())  # every registered matching map (apjax.compress.matching)
     c.prune_kinds = ("unstructured", "structured")
-    c.prune_methods = ("naive", "ewa", "swa", "sswa")
+    c.prune_methods = ("naive", *matching_methods())
     c.eval_methods = ("gradcam",)  # Tables 1, 2, 4-7
     c.table8_methods = ("gradcam", "excitation_bp", "lrp", "rap")  # teacher and the smallest student
     c.eval_batch_size = 32

@@ -284,3 +284,39 @@ def test_fixed_count_mask_inside_the_loss_is_drawn_per_batch_key():
             assert int((mask == 0).sum()) == 5  # int(10 * 0.5)
             seen.add(tuple(mask))
         assert len(seen) > 1
+
+
+def test_a_new_matching_map_is_one_registry_entry(teacher_dir, monkeypatch):
+    """Grad-CAM's own weights (the spatial MEAN of the gradient) as a matching map: one entry in
+    MATCHING_MAPS, and validation, the loss and the report take it, with no other edit. The loss's matching
+    term equals the map computed independently (float64)."""
+    from apjax.attribution import gradcam_map
+    from apjax.compress.matching import MATCHING_MAPS, MatchingMap
+    from apjax.report import method_name
+
+    entry = MatchingMap(
+        "Grad-CAM", needs_gradients=True, map_fn=lambda a, g, m: gradcam_map(a, g, reduce="mean")
+    )
+    monkeypatch.setitem(MATCHING_MAPS, "gradcam", entry)
+    c = kd_config(teacher_dir, "gradcam")
+    validate_config(c)
+    assert method_name("gradcam") == "Grad-CAM" and "gradcam" in distill.methods()
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(5)
+        teacher, tv, student, sv = _float64_nets(rng)
+        x = jnp.asarray(rng.normal(size=(4, 16, 16, 3)))
+        d = ml_collections.ConfigDict(
+            dict(method="gradcam", taps=(TAP,), beta=1.0, matching_form="squared_mean", temperature=4.0,
+                 alpha=0.9, kd_log_eps=0.0)
+        )  # fmt: skip
+        _, aux = distill.distill_loss(
+            sv["params"], student, sv["batch_stats"], teacher, tv, x, jnp.zeros((4, 5)), d,
+            jax.random.key(0), jax.random.key(1),
+        )  # fmt: skip
+        k = np.asarray(teacher.apply(tv, x)[0]).argmax(1)
+        t_acts, t_grads, _ = _tap_and_grad(teacher, tv, x, k, train=False)
+        s_acts, s_grads, _ = _tap_and_grad(student, sv, x, k, train=True)
+        cam = lambda a, g: np.maximum(np.einsum("bhwc,bc->bhw", a, g.mean(axis=(1, 2))), 0.0)  # noqa: E731
+        expected = np.mean((_normalised(cam(t_acts, t_grads)) - _normalised(cam(s_acts, s_grads))) ** 2)
+        np.testing.assert_allclose(float(aux["parts"]["match"]), expected, rtol=1e-10)
+        assert aux["teacher_masks"] == {}

@@ -27,14 +27,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from apjax.attribution import (
-    bernoulli_channel_mask,
-    fixed_count_channel_mask,
-    map_cosine_similarity,
-    swa_map,
-    tap_maps,
-)
+from apjax.attribution import map_cosine_similarity, swa_map
 from apjax.compress.losses import MATCHING_FORMS, bce_loss, kd_loss, multi_tap_matching_loss
+from apjax.compress.matching import MATCHING_MAPS, SSWA_MODES, maps_at_taps, matching_methods, sswa_masks
 from apjax.data.augment import eval_preprocess, train_augment
 from apjax.data.cache import HostCache
 from apjax.data.pipeline import batch_sharding, eval_batches
@@ -50,10 +45,12 @@ from apjax.trainer.state import (
     step_keys,
 )
 
-METHODS = ("kd", "ewa", "swa", "sswa")
-# The methods with an attribution-matching term (``kd`` for distillation and ``naive`` for pruning have none).
-MATCHING_METHODS = ("ewa", "swa", "sswa")
-SSWA_MODES = ("fixed_count", "bernoulli")
+__all__ = ["distill_loss", "make_distill_step", "methods", "sswa_masks", "teacher_maps"]
+
+
+def methods() -> tuple[str, ...]:
+    """Distillation's methods: ``kd`` (no matching term) and every registered matching map."""
+    return ("kd", *matching_methods())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -61,11 +58,15 @@ SSWA_MODES = ("fixed_count", "bernoulli")
 # ------------------------------------------------------------------------------------------------
 
 
-def validate_distill_config(config: ml_collections.ConfigDict, methods: tuple[str, ...] = METHODS) -> None:
-    """Raises ``ConfigError`` (one sentence) for a bad ``config.distill`` value (teacher and matching)."""
+def validate_distill_config(
+    config: ml_collections.ConfigDict, choices: tuple[str, ...] | None = None
+) -> None:
+    """Raises ``ConfigError`` (one sentence) for a bad ``config.distill`` value (teacher and matching);
+    ``choices`` are the allowed methods (distillation's by default)."""
     d = config.distill
-    if d.method not in methods:
-        raise ConfigError(f"unknown method {d.method!r}; choose one of {list(methods)}.")
+    choices = methods() if choices is None else choices
+    if d.method not in choices:
+        raise ConfigError(f"unknown method {d.method!r}; choose one of {list(choices)}.")
     if d.matching_form not in MATCHING_FORMS:
         raise ConfigError(f"unknown matching_form {d.matching_form!r}; choose one of {list(MATCHING_FORMS)}.")
     if d.sswa_mode not in SSWA_MODES:
@@ -85,7 +86,7 @@ def validate_distill_config(config: ml_collections.ConfigDict, methods: tuple[st
         )
     taps = list(d.taps)
     known = tap_names(create_model(config.model).widths)
-    if d.method in MATCHING_METHODS and (not taps or any(t not in known for t in taps)):
+    if d.method in MATCHING_MAPS and (not taps or any(t not in known for t in taps)):
         raise ConfigError(f"config.distill.taps must be a non-empty subset of {list(known)}, got {taps}.")
     if not d.teacher_workdir:
         raise ConfigError(
@@ -130,19 +131,6 @@ def load_teacher(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Any, di
 # ------------------------------------------------------------------------------------------------
 
 
-def sswa_masks(key: jax.Array, acts: Mapping[str, jax.Array], mode: str, drop: float) -> dict[str, jax.Array]:
-    """Per-tap channel keep masks for the teacher: (1, C) fixed count per batch or (B, C) Bernoulli."""
-    masks = {}
-    for i, (tap, a) in enumerate(sorted(acts.items())):
-        k = jax.random.fold_in(key, i)
-        batch, channels = a.shape[0], a.shape[-1]
-        if mode == "fixed_count":
-            masks[tap] = fixed_count_channel_mask(k, channels, drop)[None, :]
-        else:
-            masks[tap] = bernoulli_channel_mask(k, batch, channels, 1.0 - drop)
-    return masks
-
-
 def teacher_maps(
     teacher, variables, x: jax.Array, d: ml_collections.ConfigDict, key: jax.Array
 ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
@@ -152,18 +140,17 @@ def teacher_maps(
       ``(logits (B, K), maps tap -> (B, h, w), masks tap -> (1, C) or (B, C))``; maps are empty for
       methods without matching, masks for methods other than SSWA.
     """
-    taps = tuple(d.taps)
-    masks = {}
-    if d.method not in MATCHING_METHODS:
+    spec = MATCHING_MAPS.get(d.method)
+    if spec is None:  # kd / naive: no matching term
         logits, _ = teacher.apply(variables, x)
-        return jax.lax.stop_gradient(logits), {}, masks
-    if d.method == "ewa":
-        logits, acts = teacher.apply(variables, x, taps=taps)
-        maps = tap_maps("ewa", acts, None)
-    else:
+        return jax.lax.stop_gradient(logits), {}, {}
+    taps = tuple(d.taps)
+    if spec.needs_gradients:
         logits, acts, grads, _ = tap_gradients(teacher, variables, x, top1_seed, taps)
-        masks = sswa_masks(key, acts, d.sswa_mode, d.sswa_drop) if d.method == "sswa" else {}
-        maps = tap_maps(d.method, acts, grads, masks)
+    else:
+        (logits, acts), grads = teacher.apply(variables, x, taps=taps), None
+    masks = spec.teacher_masks(key, acts, d) if spec.teacher_masks else {}
+    maps = maps_at_taps(spec, acts, grads, masks)
     return jax.lax.stop_gradient(logits), jax.tree.map(jax.lax.stop_gradient, maps), masks
 
 
@@ -217,7 +204,8 @@ def distill_loss(
     seed = top1_seed(t_logits)  # the teacher's class k, used for the student too
     variables = {"params": params, "batch_stats": batch_stats}
     rngs = {"dropout": dropout_key}
-    if d.method in ("swa", "sswa"):
+    spec = MATCHING_MAPS.get(d.method)  # None: no matching term
+    if spec is not None and spec.needs_gradients:
         s_logits, s_acts, s_grads, updates = tap_gradients(
             student, variables, x, seed, taps, train=True, rngs=rngs
         )
@@ -226,7 +214,7 @@ def distill_loss(
             variables,
             x,
             train=True,
-            taps=taps if d.method == "ewa" else (),
+            taps=taps if spec is not None else (),
             rngs=rngs,
             mutable=["batch_stats"],
         )
@@ -245,9 +233,9 @@ def distill_loss(
         parts = {"bce": loss}
     match = jnp.zeros((), jnp.float32)
     s_maps = {}
-    if d.method in MATCHING_METHODS:
-        # The student's map is never channel-dropped: SSWA's masks are the teacher's alone.
-        s_maps = tap_maps("swa" if d.method == "sswa" else d.method, s_acts, s_grads)
+    if spec is not None:
+        # The student's map is never channel-dropped: masks are the teacher's alone.
+        s_maps = maps_at_taps(spec, s_acts, s_grads)
         match = multi_tap_matching_loss(s_maps, t_maps, d.matching_form)
         loss = loss + d.beta * match
     aux = {

@@ -32,12 +32,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from apjax.compress.distill import (
-    MATCHING_METHODS,
     SimilarityEval,
     make_distill_step,
     teacher_config,
     validate_distill_config,
 )
+from apjax.compress.matching import matching_methods
 from apjax.compress.unstructured import (
     count_nonzero_params,
     count_zero_conv_weights,
@@ -47,14 +47,18 @@ from apjax.models import conv_names, count_params, variant_widths
 from apjax.trainer.loop import Task
 from apjax.trainer.state import TrainState
 
-METHODS = ("naive", *MATCHING_METHODS)
 MODEL_FILE = "model.json"
+
+
+def methods() -> tuple[str, ...]:
+    """Pruning's methods: ``naive`` (no matching term) and every registered matching map."""
+    return ("naive", *matching_methods())
 
 
 def validate_prune_config(config: ml_collections.ConfigDict, structured: bool) -> None:
     """Raises ``ConfigError`` (one sentence) for a bad ``config.prune`` or ``config.distill`` value of
     structured (``ratio``, ``pattern``) or unstructured (``rounds``, ``rate``) pruning."""
-    validate_distill_config(config, METHODS)
+    validate_distill_config(config, methods())
     p = config.prune
     if not structured:
         if not isinstance(p.rounds, int) or p.rounds < 1:

@@ -10,6 +10,7 @@ state, its step and its evaluation; the loop knows no task by name.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -85,81 +86,93 @@ def run_training(
     total_steps = epochs_to_steps(config, spe)["total"]
     replicated = NamedSharding(mesh, PartitionSpec())
     checkpoints = Checkpoints(workdir)
-    metric = best_metric_of(config)  # picks the best checkpoint
-    best_value = -1.0
-    # A resumed run never rebuilds its initial state (nor reads init_from's weight file again).
-    restored = Checkpoints.restore(checkpoints.latest, task.abstract_state(replicated))
-    if restored is None:
-        state = jax.device_put(task.init_state(), replicated)
-    else:
-        state, meta = restored
-        state = jax.device_put(state, replicated)
-        best_value = resumed_best(meta, metric)
-        if is_main:
-            print(f"Resuming {workdir} from step {int(meta['step'])} (epoch {meta['epoch']}).")
+    latest_dir = workdir / "checkpoints" / "latest"
+    try:
+        metric = best_metric_of(config)  # picks the best checkpoint
+        best_value = -1.0
+        # A resumed run never rebuilds its initial state (nor reads init_from's weight file again).
+        restored = Checkpoints.restore(checkpoints.latest, task.abstract_state(replicated))
+        if restored is None:
+            state = jax.device_put(task.init_state(), replicated)
+        else:
+            state, meta = restored
+            state = jax.device_put(state, replicated)
+            best_value = resumed_best(meta, metric)
+            if is_main:
+                print(f"Resuming {workdir} from step {int(meta['step'])} (epoch {meta['epoch']}).")
 
-    log = MetricsLog(workdir)
-    start = int(jax.device_get(state.step))
-    log.truncate_after(start)  # rows a killed run logged after its last checkpoint are logged again
-    with jax.set_mesh(mesh):
-        label = desc or config.task
-        bar = tqdm(total=total_steps, initial=start, disable=not is_main, desc=label, unit="step")
-        acc, acc_n, t0, last = None, 0, time.perf_counter(), start
-        for step, batch in batches.iterate(start, total_steps):
-            state, m = task.train_step(state, batch)
-            acc = m if acc is None else jax.tree.map(jnp.add, acc, m)  # stays on the device
-            acc_n += 1
-            done = step + 1
-            if done % config.log_every_steps == 0 or done % spe == 0:
-                host = {k: float(v) / acc_n for k, v in jax.device_get(acc).items()}  # the loop's only sync
-                if not all(math.isfinite(v) for v in host.values()):
-                    bad = ", ".join(f"{k}={v}" for k, v in host.items() if not math.isfinite(v))
-                    raise FloatingPointError(
-                        f"training became non-finite ({bad}) by step {done}; the last good checkpoint is "
-                        f"step {checkpoints.latest.latest_step()} in {workdir / 'checkpoints' / 'latest'} "
-                        "(lower the learning rate or check the data)."
-                    )
-                rate = (done - last) / (time.perf_counter() - t0)
-                log.write(step=done, epoch=done / spe, steps_per_s=rate, **host)
-                bar.set_postfix(loss=f"{host['loss']:.4f}", lr=f"{host['lr']:.3g}")
-                bar.update(done - bar.n)
-                acc, acc_n, t0, last = None, 0, time.perf_counter(), done
-            if done % spe == 0:
-                epoch = done // spe
-                # The loss is computed before each update: check the weights themselves before they are
-                # evaluated or saved, so that no checkpoint ever holds non-finite parameters.
-                if not bool(all_finite(state.params)):
-                    raise FloatingPointError(
-                        f"the parameters became non-finite by step {done}; the last good checkpoint is "
-                        f"step {checkpoints.latest.latest_step()} in {workdir / 'checkpoints' / 'latest'} "
-                        "(lower the learning rate or check the data)."
-                    )
-                if epoch % config.eval_every_epochs == 0 or done == total_steps:
-                    val = task.evaluate(state, data["val"])
-                    log.write(step=done, epoch=epoch, **{f"val/{k}": v for k, v in val.items()})
-                    if val[metric] > best_value:
-                        best_value = val[metric]
-                        best_meta = {"best_metric": metric, "best_value": best_value, "mAP": val["mAP"]}
-                        checkpoints.save_best(state, {"step": done, "epoch": epoch, **best_meta, "val": val})
-                    if is_main:
-                        line = f"epoch {epoch}: val mAP {100 * val['mAP']:.2f}"
-                        if metric != "mAP":
-                            line += f", {metric} {100 * val[metric]:.2f}"
-                        bar.write(f"{line} (best {metric} {100 * best_value:.2f})")
-                if epoch % config.checkpoint_every_epochs == 0 or done == total_steps:
-                    # The data position is the step: batches are addressed by step (TrainBatches).
-                    meta = {"step": done, "epoch": epoch, "data_position": done}
-                    meta.update(best_metric=metric, best_value=best_value)
-                    checkpoints.save_latest(state, meta)
-        bar.close()
+        log = MetricsLog(workdir)
+        start = int(jax.device_get(state.step))
+        log.truncate_after(start)  # rows a killed run logged after its last checkpoint are logged again
+        with jax.set_mesh(mesh):
+            label = desc or config.task
+            bar = tqdm(total=total_steps, initial=start, disable=not is_main, desc=label, unit="step")
+            acc, acc_n, t0, last = None, 0, time.perf_counter(), start
+            for step, batch in batches.iterate(start, total_steps):
+                state, m = task.train_step(state, batch)
+                acc = m if acc is None else jax.tree.map(jnp.add, acc, m)  # stays on the device
+                acc_n += 1
+                done = step + 1
+                if done % config.log_every_steps == 0 or done % spe == 0:
+                    host = {
+                        k: float(v) / acc_n for k, v in jax.device_get(acc).items()
+                    }  # the loop's only sync
+                    if not all(math.isfinite(v) for v in host.values()):
+                        bad = ", ".join(f"{k}={v}" for k, v in host.items() if not math.isfinite(v))
+                        raise FloatingPointError(
+                            f"training became non-finite ({bad}) by step {done}; the last good checkpoint is "
+                            f"step {checkpoints.latest.latest_step()} in {latest_dir} "
+                            "(lower the learning rate or check the data)."
+                        )
+                    rate = (done - last) / (time.perf_counter() - t0)
+                    log.write(step=done, epoch=done / spe, steps_per_s=rate, **host)
+                    bar.set_postfix(loss=f"{host['loss']:.4f}", lr=f"{host['lr']:.3g}")
+                    bar.update(done - bar.n)
+                    acc, acc_n, t0, last = None, 0, time.perf_counter(), done
+                if done % spe == 0:
+                    epoch = done // spe
+                    # The loss is computed before each update: check the weights themselves before they are
+                    # evaluated or saved, so that no checkpoint ever holds non-finite parameters.
+                    if not bool(all_finite(state.params)):
+                        raise FloatingPointError(
+                            f"the parameters became non-finite by step {done}; the last good checkpoint is "
+                            f"step {checkpoints.latest.latest_step()} in {latest_dir} "
+                            "(lower the learning rate or check the data)."
+                        )
+                    if epoch % config.eval_every_epochs == 0 or done == total_steps:
+                        val = task.evaluate(state, data["val"])
+                        log.write(step=done, epoch=epoch, **{f"val/{k}": v for k, v in val.items()})
+                        if val[metric] > best_value:
+                            best_value = val[metric]
+                            best_meta = {"best_metric": metric, "best_value": best_value, "mAP": val["mAP"]}
+                            checkpoints.save_best(
+                                state, {"step": done, "epoch": epoch, **best_meta, "val": val}
+                            )
+                        if is_main:
+                            line = f"epoch {epoch}: val mAP {100 * val['mAP']:.2f}"
+                            if metric != "mAP":
+                                line += f", {metric} {100 * val[metric]:.2f}"
+                            bar.write(f"{line} (best {metric} {100 * best_value:.2f})")
+                    if epoch % config.checkpoint_every_epochs == 0 or done == total_steps:
+                        # The data position is the step: batches are addressed by step (TrainBatches).
+                        meta = {"step": done, "epoch": epoch, "data_position": done}
+                        meta.update(best_metric=metric, best_value=best_value)
+                        checkpoints.save_latest(state, meta)
+            bar.close()
 
-        final = task.evaluate(state, data["val"])
-        last_step = int(jax.device_get(state.step))
-        rows = {f"val, last (step {last_step})": final}
-        best = Checkpoints.restore(checkpoints.best, state)
-        checkpoints.close()
-        if best is not None:
-            rows[f"val, best (step {best[1]['step']})"] = task.evaluate(best[0], data["val"])
+            final = task.evaluate(state, data["val"])
+            last_step = int(jax.device_get(state.step))
+            rows = {f"val, last (step {last_step})": final}
+            best = Checkpoints.restore(checkpoints.best, state)
+            checkpoints.close()
+            if best is not None:
+                rows[f"val, best (step {best[1]['step']})"] = task.evaluate(best[0], data["val"])
+    except BaseException:
+        # Join the checkpoint managers' background threads before the error leaves: a process that exits
+        # with them still running can abort at interpreter shutdown instead of printing its one sentence.
+        with contextlib.suppress(Exception):
+            checkpoints.close()
+        raise
     if is_main:
         extra = task.describe(state) if task.describe else {}
         summary = {"step": last_step, "val": final, "rows": rows, **extra}
