@@ -20,24 +20,12 @@ import pytest  # noqa: E402
 
 def write_torchvision_npz(path, widths, seed: int = 0) -> None:
     """A torchvision ``vgg16_bn``-layout state dict of these widths (conv and BN, no classifier: the head
-    is new, as for the paper's teacher) written as ``.npz``: what ``config.init_from`` reads."""
-    from apjax.models.torch_import import torchvision_conv_indices
+    is new, as for the paper's teacher) written as float32 ``.npz``: what ``config.init_from`` reads."""
+    from tests.test_models import _torch_layout_state_dict
 
-    rng = np.random.default_rng(seed)
-    sd, in_c = {}, 3
-    convs = [w for w in widths if w != "M"]
-    for idx, w in zip(torchvision_conv_indices(widths), convs, strict=True):
-        sd[f"features.{idx}.weight"] = rng.normal(0, (2 / (9 * in_c)) ** 0.5, (w, in_c, 3, 3)).astype(
-            np.float32
-        )
-        sd[f"features.{idx}.bias"] = rng.normal(0, 0.1, w).astype(np.float32)
-        sd[f"features.{idx + 1}.weight"] = rng.uniform(0.5, 1.5, w).astype(np.float32)
-        sd[f"features.{idx + 1}.bias"] = rng.normal(0, 0.1, w).astype(np.float32)
-        sd[f"features.{idx + 1}.running_mean"] = rng.normal(0, 0.1, w).astype(np.float32)
-        sd[f"features.{idx + 1}.running_var"] = rng.uniform(0.5, 2.0, w).astype(np.float32)
-        sd[f"features.{idx + 1}.num_batches_tracked"] = np.array(7)
-        in_c = w
-    np.savez(path, **sd)
+    sd = _torch_layout_state_dict(widths, num_classes=1, side=1, rng=np.random.default_rng(seed))
+    kept = {k: v for k, v in sd.items() if not k.startswith("classifier.")}
+    np.savez(path, **{k: v.astype(np.float32) if v.dtype.kind == "f" else v for k, v in kept.items()})
 
 
 @pytest.fixture(scope="session")

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from apjax.errors import ConfigError
+from apjax.models.taps import tap_recorder
 from apjax.models.torch_import import take_entry
 from apjax.models.vgg import INITS, layer_inits
 
@@ -147,21 +148,8 @@ class ResNet(nn.Module):
 
         ``offsets`` (tap name -> array of that tap's shape) are added at the taps, as in VGG.
         """
-        if self.weight_init not in INITS:
-            raise ConfigError(f"unknown init {self.weight_init!r}; choose one of {list(INITS)}.")
         kind, blocks = DEPTHS[self.depth]
-        offsets = dict(offsets or {})
-        unknown = [t for t in (*taps, *offsets) if t not in TAPS]
-        if unknown:
-            raise ConfigError(f"unknown taps {unknown}; this net's taps are {list(TAPS)}.")
-        acts = {}
-
-        def tap(name: str, y: jnp.ndarray) -> jnp.ndarray:
-            if name in offsets:
-                y = y + offsets[name].astype(y.dtype)
-            if name in taps:
-                acts[name] = y
-            return y
+        tap, acts = tap_recorder(TAPS, taps, offsets)
 
         x = x.astype(self.dtype)
         stem = max(1, 64 // self.divisor)

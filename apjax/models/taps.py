@@ -17,6 +17,33 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from apjax.errors import ConfigError
+
+
+def tap_recorder(
+    known: Sequence[str], taps: Sequence[str], offsets: Mapping[str, jax.Array] | None
+) -> tuple[Callable[[str, jax.Array], jax.Array], dict[str, jax.Array]]:
+    """What a model's forward pass calls at each named tap: ``(tap, acts)``.
+
+    ``tap(name, y)`` adds ``offsets[name]`` to the activation ``y`` where given (zeros leave the function
+    unchanged; their gradient is the tap gradient) and records it in ``acts`` when ``name`` is in ``taps``.
+    ``ConfigError`` names any requested tap or offset the model does not have (``known``).
+    """
+    offsets = dict(offsets or {})
+    unknown = [t for t in (*taps, *offsets) if t not in known]
+    if unknown:
+        raise ConfigError(f"unknown taps {unknown}; this net's taps are {list(known)}.")
+    acts: dict[str, jax.Array] = {}
+
+    def tap(name: str, y: jax.Array) -> jax.Array:
+        if name in offsets:
+            y = y + offsets[name].astype(y.dtype)
+        if name in taps:
+            acts[name] = y
+        return y
+
+    return tap, acts
+
 
 def tap_shapes(
     model: nn.Module, variables: Mapping[str, Any], x: jax.Array, taps: Sequence[str]

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from apjax.errors import ConfigError
+from apjax.models.taps import tap_recorder
 
 VGG16_WIDTHS: tuple = (
     64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
@@ -143,18 +144,7 @@ class VGG(nn.Module):
           (B, h, w, c) holding exactly the requested taps.
         """
         known = tap_names(self.widths)
-        offsets = dict(offsets or {})
-        unknown = [t for t in (*taps, *offsets) if t not in known]
-        if unknown:
-            raise ConfigError(f"unknown taps {unknown}; this net's taps are {list(known)}.")
-        acts = {}
-
-        def tap(name: str, y: jnp.ndarray) -> jnp.ndarray:
-            if name in offsets:
-                y = y + offsets[name].astype(y.dtype)
-            if name in taps:
-                acts[name] = y
-            return y
+        tap, acts = tap_recorder(known, taps, offsets)
 
         x = x.astype(self.dtype)
         names = iter(known)
