@@ -37,7 +37,7 @@ import ml_collections
 
 from apjax import evaluation
 from apjax.errors import ConfigError
-from apjax.models import variant_widths, widths_string
+from apjax.models import family_of
 from apjax.report import write_report
 from apjax.stages import Stage, is_finished, smallest_student
 from apjax.tasks import TASKS, train_and_evaluate, validate_config
@@ -48,9 +48,9 @@ PRUNE_PREFIX = {"prune_unstructured": "prune_u", "prune_structured": "prune_s"}
 
 
 def student_model(teacher_model: str, student: str) -> str:
-    """The widths of a student: the teacher's divided by the size factor (``x8`` -> every width // 8)."""
-    divisor = int(student.lstrip("x"))
-    return widths_string(w if w == "M" else max(1, int(w) // divisor) for w in variant_widths(teacher_model))
+    """The ``config.model`` of a student: the teacher's with every width divided by the size factor (``x8``
+    -> every width // 8), in the teacher's family (a VGG widths list, ``resnet18/8``)."""
+    return family_of(teacher_model).student(teacher_model, int(student.lstrip("x")))
 
 
 def _stage_config(template: ml_collections.ConfigDict, sweep: ml_collections.ConfigDict) -> Any:

@@ -20,7 +20,8 @@ from apjax.attribution import (
     upsample_map,
 )
 from apjax.compress import MATCHING_FORMS, bce_loss, kd_loss, matching_loss, multi_tap_matching_loss
-from apjax.models import create_model, init_variables, tap_gradients
+from apjax.models import apply_with_taps, create_model, init_variables, tap_gradients
+from apjax.models.taps import with_perturbations
 
 TINY = (4, "M", 6, "M", 8, "M")
 
@@ -41,10 +42,11 @@ def _f64_variables(model, key, image_size, rng):
 
 def _head_logits(model, variables, x, offsets=None):
     """Logits in the model's own dtype: the Dense output captured before the float32 cast of the return."""
+    if offsets:
+        variables = with_perturbations(model, variables, x, offsets)
     _, state = model.apply(
         variables,
         x,
-        offsets=offsets,
         capture_intermediates=lambda mdl, _: mdl.name == "head",
         mutable=["intermediates"],
     )
@@ -108,7 +110,7 @@ def test_gradcam_at_inner_tap_matches_finite_differences_float64():
             **variables,
             "params": {**variables["params"], "conv2_2_bn": {**bn, "bias": bn["bias"] + big}},
         }
-        pre = np.asarray(model.apply(lifted, x, taps=(tap,))[1][tap]) - big  # conv2_2 before its ReLU
+        pre = np.asarray(apply_with_taps(model, lifted, x, (tap,))[1][tap]) - big  # conv2_2 before its ReLU
         assert pre.min() > -big
         bn["bias"] = bn["bias"] + jnp.asarray(np.maximum(-pre.min(axis=(0, 1, 2)), 0.0) + 0.05)
         classes = np.array([2, 4])

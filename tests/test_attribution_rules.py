@@ -170,7 +170,7 @@ def test_fold_batchnorm_keeps_the_logits(dtype):
         ]  # fmt: skip
         assert layers[2]["kernel"].shape == (3, 3, 4, 6) and layers[2]["bias"].shape == (6,)
         assert layers[-1]["kernel"].shape == (3 * 3 * 6, K)
-        ref = np.asarray(model.apply(variables, x)[0])
+        ref = np.asarray(model.apply(variables, x))
         # The layer list is a pytree (static type/name): a jit argument; folding also works under jit.
         got = jax.jit(rules.folded_forward)(layers, x)
         got_traced = jax.jit(lambda v, x: rules.folded_forward(rules.fold_batchnorm(v, WIDTHS), x))(
@@ -314,7 +314,7 @@ def test_integrated_gradients_completeness():
         variables = _variables(model, jax.random.key(5), rng, jnp.float64)
         x = _images(rng, 3, jnp.float64)[:2]
         classes = jnp.asarray([4, 0])
-        f = lambda z: np.asarray(model.apply(variables, z)[0])[np.arange(2), np.asarray(classes)]
+        f = lambda z: np.asarray(model.apply(variables, z))[np.arange(2), np.asarray(classes)]
         ig_fn = jax.jit(gradients.integrated_gradients, static_argnums=(0, 4, 6))
         # Far baselines (zeros, another image): the path crosses ReLU kinks, where the midpoint rule's error
         # is O(1/steps) (measured on these images: up to 6e-3 at 512 steps, 1.4e-3 at 2048, 2e-4 at 8192,
@@ -400,7 +400,7 @@ def test_gradient_map_matches_finite_differences():
         x = np.asarray(_images(rng, 2, jnp.float64))
         classes = np.array([2, 0])
         got = np.asarray(jax.jit(lambda x, k: gradients.gradient_map(model, variables, x, k))(x, classes))
-        logit = jax.jit(lambda x: model.apply(variables, x)[0])
+        logit = jax.jit(lambda x: model.apply(variables, x))
         step = 1e-6
         for b, y, xx in [(0, 3, 4), (1, 7, 2), (1, 0, 11)]:
             fd = []

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from apjax.compress import distill
 from apjax.data.pipeline import TrainBatches, data_mesh
-from apjax.models import create_model, init_variables
+from apjax.models import apply_with_taps, create_model, init_variables
 from apjax.tasks import distill as distill_task
 from apjax.tasks import validate_config
 from apjax.trainer.config import load_data
@@ -160,12 +160,12 @@ def _float64_nets(rng):
 def _tap_and_grad(model, variables, x, classes, train):
     """Activation at TAP and d sum_b logit_{b, classes_b} / d activation, by jax.grad through a zero
     offset (not through tap_gradients), plus the logits."""
-    shape = model.apply(variables, x, taps=(TAP,))[1][TAP].shape
-    kwargs = {"train": True, "mutable": ["batch_stats"]} if train else {}
+    shape = apply_with_taps(model, variables, x, (TAP,))[1][TAP].shape
 
     def score(offset):
-        out = model.apply(variables, x, taps=(TAP,), offsets={TAP: offset}, **kwargs)
-        logits, acts = out[0] if train else out
+        logits, acts, _ = apply_with_taps(
+            model, variables, x, (TAP,), train=train, perturbations={TAP: offset}
+        )
         return jnp.sum(logits[jnp.arange(len(classes)), classes]), (logits, acts[TAP])
 
     grad, (logits, acts) = jax.grad(score, has_aux=True)(jnp.zeros(shape, jnp.float64))
@@ -204,14 +204,12 @@ def test_distill_loss_wiring_against_independent_float64():
         )
 
         # Teacher: eval mode, its own top-1 class.
-        t_logits = np.asarray(teacher.apply(tv, x)[0])
+        t_logits = np.asarray(teacher.apply(tv, x))
         np.testing.assert_allclose(np.asarray(aux["teacher_logits"]), t_logits, rtol=1e-12)
-        (train_logits, _), _ = teacher.apply(
-            tv, x, train=True, rngs={"dropout": keys[0]}, mutable=["batch_stats"]
-        )
+        train_logits, _ = teacher.apply(tv, x, train=True, rngs={"dropout": keys[0]}, mutable=["batch_stats"])
         assert np.max(np.abs(np.asarray(train_logits) - t_logits)) > 1e-2  # the modes are distinguishable
         k = t_logits.argmax(axis=1)
-        s_logits_eval = np.asarray(student.apply(sv, x)[0])
+        s_logits_eval = np.asarray(student.apply(sv, x))
         assert (s_logits_eval.argmax(axis=1) != k).any()  # the case where the two classes differ
 
         # The fixed-count mask: exactly int(10 * 0.3) = 3 teacher channels dropped, one mask per batch.
@@ -313,7 +311,7 @@ def test_a_new_matching_map_is_one_registry_entry(teacher_dir, monkeypatch):
             sv["params"], student, sv["batch_stats"], teacher, tv, x, jnp.zeros((4, 5)), d,
             jax.random.key(0), jax.random.key(1),
         )  # fmt: skip
-        k = np.asarray(teacher.apply(tv, x)[0]).argmax(1)
+        k = np.asarray(teacher.apply(tv, x)).argmax(1)
         t_acts, t_grads, _ = _tap_and_grad(teacher, tv, x, k, train=False)
         s_acts, s_grads, _ = _tap_and_grad(student, sv, x, k, train=True)
         cam = lambda a, g: np.maximum(np.einsum("bhwc,bc->bhw", a, g.mean(axis=(1, 2))), 0.0)  # noqa: E731

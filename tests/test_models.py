@@ -14,6 +14,7 @@ import pytest
 
 from apjax.models import (
     VARIANTS,
+    apply_with_taps,
     count_params,
     create_model,
     init_variables,
@@ -21,11 +22,8 @@ from apjax.models import (
     tap_names,
     tap_shapes,
 )
-from apjax.models.torch_import import (
-    import_torchvision_vgg_bn,
-    load_state_dict,
-    torchvision_conv_indices,
-)
+from apjax.models.torch_import import load_state_dict
+from apjax.models.vgg import import_torchvision_vgg_bn, torchvision_conv_indices
 
 # SPEC section 2: the paper's and torchvision's counts with BN (running statistics excluded).
 PAPER_COUNTS = {"vgg16": 15_224_916, "vgg16/2": 3_935_284, "vgg16/4": 1_048_356, "vgg16/8": 294_364}
@@ -43,7 +41,8 @@ def test_tap_names_and_shapes_at_227():
     variables = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), 227))
     names = tap_names(model.widths)
     x = jax.ShapeDtypeStruct((2, 227, 227, 3), jnp.float32)
-    shapes = tap_shapes(model, variables, x, names)
+    shapes = tap_shapes(model, variables, x)
+    assert tuple(shapes) == names  # every tap, in forward order
     # Convs keep the side (padding 1); each pool floors the side by 2: 227, 113, 56, 28, 14, 7.
     sides = {1: 227, 2: 113, 3: 56, 4: 28, 5: 14}
     widths = {1: 64, 2: 128, 3: 256, 4: 512, 5: 512}
@@ -62,7 +61,7 @@ def test_unknown_tap_and_small_image_raise():
         init_variables(model, jax.random.key(0), 31)
     variables = init_variables(model, jax.random.key(0), 32)
     with pytest.raises(ValueError, match="unknown taps"):
-        model.apply(variables, jnp.zeros((1, 32, 32, 3)), taps=("conv6_1",))
+        apply_with_taps(model, variables, jnp.zeros((1, 32, 32, 3)), ("conv6_1",))
     with pytest.raises(ValueError, match="unknown model"):
         create_model("vgg19")
 
@@ -71,11 +70,11 @@ def test_returns_only_requested_taps():
     model = create_model("vgg16/8")
     variables = init_variables(model, jax.random.key(0), 32)
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-    (logits, acts), state = model.apply(variables, x, taps=("conv3_2", "pool5"), mutable=["intermediates"])
+    logits, acts, _ = apply_with_taps(model, variables, x, ("conv3_2", "pool5"))
     assert logits.shape == (2, 20)
     assert set(acts) == {"conv3_2", "pool5"}
     # pool5 is the 2x2 max of conv5_3's output.
-    _, both = model.apply(variables, x, taps=("conv5_3", "pool5"))
+    _, both, _ = apply_with_taps(model, variables, x, ("conv5_3", "pool5"))
     c = np.asarray(both["conv5_3"])
     np.testing.assert_array_equal(np.asarray(acts["pool5"]), c.reshape(2, 1, 2, 1, 2, -1).max((2, 4)))
     # pool5 is the max-pool of ReLU outputs: non-negative.
@@ -103,7 +102,7 @@ def test_tap_gradient_matches_central_differences_float64():
         assert np.count_nonzero(np.asarray(grads[tap])) > grads[tap].size // 4
 
         def score(offset):
-            logits, _ = model.apply(variables, x, offsets={tap: offset})
+            logits = apply_with_taps(model, variables, x, (), perturbations={tap: offset})[0]
             return float(jnp.sum(logits * seed))
 
         eps = 1e-6
@@ -134,9 +133,9 @@ def test_tap_gradient_in_train_mode_matches_central_differences_float64():
         assert set(updates) == {"batch_stats"}
 
         def score(offset):
-            (out, _), _ = model.apply(
-                variables, x, train=True, offsets={tap: offset}, rngs=rngs, mutable=["batch_stats"]
-            )
+            out = apply_with_taps(
+                model, variables, x, (), train=True, rngs=rngs, perturbations={tap: offset}
+            )[0]
             return float(jnp.sum(out * seed))
 
         g = np.asarray(grads[tap])
@@ -153,8 +152,9 @@ def test_tap_gradient_in_train_mode_matches_central_differences_float64():
         # gradient is of the whole batch's score, as in the reference.
         e = zero.copy()
         e[(0, *live[0][1:])] = 1e-3
-        (moved, _), _ = model.apply(variables, x, train=True, offsets={tap: jnp.asarray(e)}, rngs=rngs,
-                                    mutable=["batch_stats"])  # fmt: skip
+        moved = apply_with_taps(
+            model, variables, x, (), train=True, rngs=rngs, perturbations={tap: jnp.asarray(e)}
+        )[0]
         assert np.max(np.abs(np.asarray(moved)[1:] - np.asarray(logits)[1:])) > 0
 
 
@@ -245,7 +245,7 @@ def test_weight_import_reproduces_torch_layout_logits(tmp_path):
     )
     x = rng.normal(size=(3, 3, size, size))
     expected = _torch_reference_logits(sd, widths, x)
-    logits, _ = model.apply(variables, jnp.asarray(x.transpose(0, 2, 3, 1), jnp.float32))
+    logits = model.apply(variables, jnp.asarray(x.transpose(0, 2, 3, 1), jnp.float32))
     np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -304,7 +304,7 @@ def test_pth_import_reproduces_torch_layout_logits():
     )
     x = np.random.default_rng(3).normal(size=(2, 3, size, size))
     reference = _torch_reference_logits({k: v.astype(np.float64) for k, v in expected.items()}, widths, x)
-    logits, _ = model.apply(variables, jnp.asarray(x.transpose(0, 2, 3, 1), jnp.float32))
+    logits = model.apply(variables, jnp.asarray(x.transpose(0, 2, 3, 1), jnp.float32))
     np.testing.assert_allclose(np.asarray(logits), reference, rtol=1e-4, atol=1e-4)
 
 
@@ -460,9 +460,9 @@ def test_bfloat16_computation_keeps_float32_parameters():
     variables = init_variables(model, jax.random.key(0), 32)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-    logits, acts = model.apply(variables, x, taps=("pool5",))
+    logits, acts, _ = apply_with_taps(model, variables, x, ("pool5",))
     assert logits.dtype == jnp.float32 and acts["pool5"].dtype == jnp.bfloat16
-    ref, _ = create_model("vgg16/8").apply(variables, x)
+    ref = create_model("vgg16/8").apply(variables, x)
     np.testing.assert_allclose(
         np.asarray(logits), np.asarray(ref), atol=0.05 * float(jnp.abs(ref).max()) + 1e-3
     )

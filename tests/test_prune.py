@@ -208,8 +208,8 @@ def test_surgery_computes_the_original_with_pruned_channels_zeroed():
     assert new_widths == (3, "M", 5, 7, "M", 5, "M", 5, "M", 4, "M")
     x = jnp.asarray(np.random.default_rng(2).normal(size=(4, image_size, image_size, 3)), jnp.float32)
     small = create_model(new_widths, num_classes=5, dropout_rate=0.0)
-    got, _ = small.apply(jax.tree.map(jnp.asarray, pruned), x)
-    expected, _ = model.apply(jax.tree.map(jnp.asarray, zero_pruned_channels(v, widths, keep)), x)
+    got = small.apply(jax.tree.map(jnp.asarray, pruned), x)
+    expected = model.apply(jax.tree.map(jnp.asarray, zero_pruned_channels(v, widths, keep)), x)
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
     assert np.std(np.asarray(expected)) > 1e-2  # a non-trivial function
     # Row order matters: NHWC flattens (H, W, C), so each kept channel keeps one row per position (the
@@ -221,7 +221,7 @@ def test_surgery_computes_the_original_with_pruned_channels_zeroed():
     head = v["params"]["head"]["kernel"]
     np.testing.assert_array_equal(pruned["params"]["head"]["kernel"], head[np.tile(mask, 4)])
     wrong = dict(pruned["params"], head={**pruned["params"]["head"], "kernel": head[np.repeat(mask, 4)]})
-    bad, _ = small.apply({"params": wrong, "batch_stats": pruned["batch_stats"]}, x)
+    bad = small.apply({"params": wrong, "batch_stats": pruned["batch_stats"]}, x)
     assert np.max(np.abs(np.asarray(bad) - np.asarray(expected))) > 1e-2
 
 

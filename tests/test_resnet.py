@@ -11,8 +11,8 @@ import pytest
 
 from apjax.attribution import gradcam_map
 from apjax.compress import distill
-from apjax.models import count_params, tap_gradients
-from apjax.models.resnet import create_resnet, import_torchvision_resnet, init_resnet_variables
+from apjax.models import apply_with_taps, count_params, init_variables, tap_gradients, tap_shapes
+from apjax.models.resnet import create_resnet, import_torchvision_resnet
 from apjax.models.torch_import import load_state_dict
 from tests.resnet_reference import reference_resnet_logits, torchvision_resnet_state_dict
 
@@ -26,7 +26,7 @@ DATA = Path(__file__).resolve().parent / "data"
 def test_parameter_counts_are_torchvisions(name, torchvision_count):
     def count(num_classes):
         m = create_resnet(name, num_classes=num_classes)
-        return count_params(jax.eval_shape(lambda: init_resnet_variables(m, jax.random.key(0), 64))["params"])
+        return count_params(jax.eval_shape(lambda: init_variables(m, jax.random.key(0), 64))["params"])
 
     assert count(1000) == torchvision_count
     fc_in = 512 if name == "resnet18" else 2048
@@ -36,12 +36,8 @@ def test_parameter_counts_are_torchvisions(name, torchvision_count):
 
 def test_tap_shapes_at_224_and_students():
     m = create_resnet("resnet50/4")
-    v = jax.eval_shape(lambda: init_resnet_variables(m, jax.random.key(0), 224))
-    _, acts = jax.eval_shape(
-        lambda v, x: m.apply(v, x, taps=("stem", "layer1", "layer2", "layer3", "layer4", "pool")),
-        v,
-        jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32),
-    )
+    v = jax.eval_shape(lambda: init_variables(m, jax.random.key(0), 224))
+    acts = tap_shapes(m, v, jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32))
     # Widths 64/4 = 16 in the stem; bottleneck outputs 4 x (64, 128, 256, 512) / 4.
     expected = {
         "stem": (2, 56, 56, 16),
@@ -55,10 +51,8 @@ def test_tap_shapes_at_224_and_students():
     with pytest.raises(ValueError, match="unknown ResNet 'resnet34'"):
         create_resnet("resnet34")
     with pytest.raises(ValueError, match="unknown taps \\['conv5_3'\\]"):
-        m.apply(
-            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), v),
-            jnp.zeros((1, 64, 64, 3)),
-            taps=("conv5_3",),
+        apply_with_taps(
+            m, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), v), jnp.zeros((1, 64, 64, 3)), ("conv5_3",)
         )
 
 
@@ -67,10 +61,10 @@ def test_import_reproduces_the_float64_torch_layout_forward(depth):
     sd = torchvision_resnet_state_dict(depth, 16, 5, seed=depth)
     model = create_resnet(f"resnet{depth}/16", num_classes=5)
     variables = import_torchvision_resnet(
-        sd, init_resnet_variables(model, jax.random.key(0), 40), model, head_prefix="fc"
+        sd, init_variables(model, jax.random.key(0), 40), model, head_prefix="fc"
     )
     x = np.random.default_rng(1).normal(size=(2, 40, 40, 3)).astype(np.float32)
-    got, _ = model.apply(variables, jnp.asarray(x))
+    got = model.apply(variables, jnp.asarray(x))
     expected = reference_resnet_logits(sd, depth, x.transpose(0, 3, 1, 2))
     assert np.std(expected) > 0.1  # a non-trivial function of the input
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-4)
@@ -85,7 +79,7 @@ def test_import_from_a_torch_written_pth_keeps_the_new_head():
     for k, v in expected.items():
         np.testing.assert_array_equal(sd[k], v, err_msg=k)
     model = create_resnet("resnet18/32", num_classes=7)  # another head: it stays new
-    fresh = init_resnet_variables(model, jax.random.key(3), 32)
+    fresh = init_variables(model, jax.random.key(3), 32)
     variables = import_torchvision_resnet(sd, fresh, model)
     np.testing.assert_array_equal(variables["params"]["head"]["kernel"], fresh["params"]["head"]["kernel"])
     np.testing.assert_array_equal(
@@ -95,16 +89,14 @@ def test_import_from_a_torch_written_pth_keeps_the_new_head():
     np.testing.assert_array_equal(variables["batch_stats"]["stem"]["bn"]["var"], sd["bn1.running_var"])
     with pytest.raises(ValueError, match=r"'conv1.weight' has shape \(2, 3, 7, 7\) but the model expects"):
         wider = create_resnet("resnet18/16")
-        import_torchvision_resnet(sd, init_resnet_variables(wider, jax.random.key(0), 32), wider)
+        import_torchvision_resnet(sd, init_variables(wider, jax.random.key(0), 32), wider)
 
 
 def test_tap_gradient_at_a_stage_matches_central_differences_float64():
     with jax.enable_x64(True):
         model = create_resnet("resnet18/16", num_classes=4, dtype=jnp.float64)
         sd = torchvision_resnet_state_dict(18, 16, 4, seed=5)
-        variables = import_torchvision_resnet(
-            sd, init_resnet_variables(model, jax.random.key(0), 32), model, "fc"
-        )
+        variables = import_torchvision_resnet(sd, init_variables(model, jax.random.key(0), 32), model, "fc")
         variables = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
         rng = np.random.default_rng(2)
         x = jnp.asarray(rng.normal(size=(2, 32, 32, 3)))
@@ -115,7 +107,9 @@ def test_tap_gradient_at_a_stage_matches_central_differences_float64():
         assert np.count_nonzero(g) > g.size // 4
 
         def score(offset):
-            return float(jnp.sum(model.apply(variables, x, offsets={tap: offset})[0] * seed))
+            return float(
+                jnp.sum(apply_with_taps(model, variables, x, (), perturbations={tap: offset})[0] * seed)
+            )
 
         eps, zero = 1e-6, np.zeros(acts[tap].shape)
         for idx in [tuple(i) for i in np.argwhere(np.abs(g) > 1e-3)[:: max(1, np.count_nonzero(g) // 6)]][:6]:
@@ -132,8 +126,8 @@ def test_distill_loss_runs_on_a_resnet_teacher_and_student(method):
     at layer3 (2x2 at 32 px), give a finite loss and a finite, non-zero student gradient."""
     teacher = create_resnet("resnet18/16", num_classes=5)
     student = create_resnet("resnet18/32", num_classes=5)
-    tv = init_resnet_variables(teacher, jax.random.key(0), 32)
-    sv = init_resnet_variables(student, jax.random.key(1), 32)
+    tv = init_variables(teacher, jax.random.key(0), 32)
+    sv = init_variables(student, jax.random.key(1), 32)
     d = ml_collections.ConfigDict(
         dict(method=method, taps=("layer3",), beta=10.0, matching_form="squared_mean",
              sswa_mode="fixed_count", sswa_drop=0.3, temperature=4.0, alpha=0.9, kd_log_eps=1e-7)

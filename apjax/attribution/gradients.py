@@ -1,7 +1,7 @@
 """Gradient-family attribution on the Flax model (SPEC section 7): gradient, input x gradient, Integrated
 Gradients and SmoothGrad.
 
-Every method differentiates the class logit of each image, ``logit_k = model.apply(variables, x)[0][b, k_b]``
+Every method differentiates the class logit of each image, ``logit_k = model.apply(variables, x)[b, k_b]``
 (eval mode: running BatchNorm statistics, no dropout), i.e. one VJP with a one-hot seed of class ``k_b`` per
 image; images are independent in eval mode, so one batched VJP gives every image's own gradient. Gradients
 are taken with respect to the normalised input ``x`` (B, H, W, 3). All functions are jittable, with
@@ -26,7 +26,7 @@ def input_gradient(
     x = jnp.asarray(x)
 
     def logits_of(x):
-        return model.apply(variables, x)[0]
+        return model.apply(variables, x)
 
     logits, pullback = jax.vjp(logits_of, x)
     idx = jnp.broadcast_to(jnp.asarray(class_index, jnp.int32), (x.shape[0],))

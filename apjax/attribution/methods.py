@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from apjax.attribution.maps import gradcam_map
-from apjax.models import tap_gradients, tap_names
+from apjax.errors import ConfigError
+from apjax.models import family_of, tap_gradients
 
 METHODS = (
     "gradcam",
@@ -40,10 +41,10 @@ LABELS = {
 }
 
 
-def gradcam_tap(widths) -> str:
-    """The Grad-CAM layer: the last conv before the last pool (``conv5_3``, 14x14 at 227 for VGG16)."""
-    convs = [t for t in tap_names(widths) if t.startswith("conv")]
-    return convs[-1]
+def gradcam_tap(model) -> str:
+    """The Grad-CAM layer of ``model``: its ``gradcam_tap`` (``conv5_3``, 14x14 at 227 for VGG16; ``layer4``
+    for a ResNet)."""
+    return model.gradcam_tap
 
 
 def attribution_fn(
@@ -59,8 +60,7 @@ def attribution_fn(
     """A jitted ``(x, class_index) -> (B, h, w)`` map function of ``method`` for this model and weights."""
     if method not in METHODS:
         raise ValueError(f"unknown attribution method {method!r}; choose one of {list(METHODS)}.")
-    widths = model.widths
-    tap = gradcam_tap(widths)
+    tap = gradcam_tap(model)
     num_classes = model.num_classes
 
     if method == "gradcam":
@@ -72,6 +72,14 @@ def attribution_fn(
 
     elif method in ("excitation_bp", "lrp", "rap"):
         from apjax.attribution import rules
+
+        family = family_of(model)
+        if not family.plain_chain:
+            raise ConfigError(
+                f"{LABELS[method]} walks a plain conv chain (the VGG family) and a {family.name} model has "
+                "none; use gradcam or a gradient method."
+            )
+        widths = model.widths
 
         if method == "excitation_bp":
 

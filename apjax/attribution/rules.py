@@ -269,7 +269,7 @@ def fold_batchnorm(variables: Mapping[str, Any], widths: Sequence[int | str], ep
 
 
 def folded_forward(layers: Sequence[Mapping[str, Any]], x: jax.Array, return_activations: bool = False):
-    """Plain forward pass of the folded net; equals ``model.apply(variables, x)[0]`` in eval mode.
+    """Plain forward pass of the folded net; equals ``model.apply(variables, x)`` in eval mode.
 
     Args:
       layers: from :func:`fold_batchnorm`.

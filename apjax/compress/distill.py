@@ -34,7 +34,7 @@ from apjax.data.augment import eval_preprocess, train_augment
 from apjax.data.cache import HostCache
 from apjax.data.pipeline import batch_sharding, eval_batches
 from apjax.errors import ConfigError, MissingFileError
-from apjax.models import create_model, tap_gradients, tap_names, top1_seed
+from apjax.models import apply_with_taps, create_model, tap_gradients, top1_seed
 from apjax.trainer.checkpoints import restore_state
 from apjax.trainer.config import PRECISIONS, num_classes_of
 from apjax.trainer.evaluation import classification_summary, valid_rows
@@ -85,7 +85,7 @@ def validate_distill_config(
             f"log-sigmoid), got {d.kd_log_eps!r}."
         )
     taps = list(d.taps)
-    known = tap_names(create_model(config.model).widths)
+    known = create_model(config.model).tap_names
     if d.method in MATCHING_MAPS and (not taps or any(t not in known for t in taps)):
         raise ConfigError(f"config.distill.taps must be a non-empty subset of {list(known)}, got {taps}.")
     if not d.teacher_workdir:
@@ -142,13 +142,13 @@ def teacher_maps(
     """
     spec = MATCHING_MAPS.get(d.method)
     if spec is None:  # kd / naive: no matching term
-        logits, _ = teacher.apply(variables, x)
+        logits = teacher.apply(variables, x)
         return jax.lax.stop_gradient(logits), {}, {}
     taps = tuple(d.taps)
     if spec.needs_gradients:
         logits, acts, grads, _ = tap_gradients(teacher, variables, x, top1_seed, taps)
     else:
-        (logits, acts), grads = teacher.apply(variables, x, taps=taps), None
+        (logits, acts, _), grads = apply_with_taps(teacher, variables, x, taps), None
     masks = spec.teacher_masks(key, acts, d) if spec.teacher_masks else {}
     maps = maps_at_taps(spec, acts, grads, masks)
     return jax.lax.stop_gradient(logits), jax.tree.map(jax.lax.stop_gradient, maps), masks
@@ -210,13 +210,8 @@ def distill_loss(
             student, variables, x, seed, taps, train=True, rngs=rngs
         )
     else:
-        (s_logits, s_acts), updates = student.apply(
-            variables,
-            x,
-            train=True,
-            taps=taps if spec is not None else (),
-            rngs=rngs,
-            mutable=["batch_stats"],
+        s_logits, s_acts, updates = apply_with_taps(
+            student, variables, x, taps if spec is not None else (), train=True, rngs=rngs
         )
         s_grads = None
     if base_loss == "kd":

@@ -43,7 +43,7 @@ from apjax.compress.unstructured import (
     count_zero_conv_weights,
 )
 from apjax.errors import ConfigError
-from apjax.models import conv_names, count_params, variant_widths
+from apjax.models import conv_names, count_params, create_model, family_of, variant_widths
 from apjax.trainer.loop import Task
 from apjax.trainer.state import TrainState
 
@@ -68,6 +68,12 @@ def validate_prune_config(config: ml_collections.ConfigDict, structured: bool) -
     else:
         if not 0 <= p.ratio < 1:
             raise ConfigError(f"config.prune.ratio must be in [0, 1), got {p.ratio!r}.")
+        family = family_of(config.model)
+        if not family.plain_chain:
+            raise ConfigError(
+                f"structured pruning is implemented for plain conv chains (the VGG family) only: a "
+                f"{family.name}'s channels are tied by its residual additions; use task=prune_unstructured."
+            )
         n = len(conv_names(variant_widths(config.model)))
         pattern = tuple(p.pattern)
         if len(pattern) != n or any(x not in (0, 1) for x in pattern):
@@ -79,7 +85,7 @@ def validate_prune_config(config: ml_collections.ConfigDict, structured: bool) -
 def check_teacher_model(config: ml_collections.ConfigDict) -> None:
     """Raises ``ConfigError`` unless ``config.model`` is the teacher's: pruning starts from its weights."""
     tc = teacher_config(config)
-    if variant_widths(tc.model) != variant_widths(config.model):
+    if create_model(tc.model) != create_model(config.model):
         raise ConfigError(
             f"config.model ({config.model}) is not the teacher's model ({tc.model}); pruning starts from the "
             f"teacher's weights, so set --config.model={tc.model}."

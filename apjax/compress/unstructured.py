@@ -14,13 +14,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 Masks = dict[str, jax.Array]
 
 
 def conv_kernels(params: Mapping[str, Any]) -> dict[str, jax.Array]:
-    """The conv kernels of a VGG's params, by conv name (``conv1_1`` ...): the prunable weights."""
-    return {name: p["kernel"] for name, p in params.items() if name.startswith("conv") and "kernel" in p}
+    """Every conv kernel (a 4-D ``kernel``) of a parameter tree, by the path of its module joined with '/'
+    (``conv1_1`` in a VGG, ``layer1_0/conv1/conv`` in a ResNet): the prunable weights, in tree order."""
+    flat = traverse_util.flatten_dict(dict(params))
+    return {"/".join(path[:-1]): k for path, k in flat.items() if path[-1] == "kernel" and k.ndim == 4}
 
 
 def round_sparsity(round_index: int, rate: float = 0.2) -> float:

@@ -1,86 +1,82 @@
-"""The VGG family: named variants, construction, initialisation and parameter counts."""
+"""Model families and the registry that finds one from ``config.model``.
+
+``FAMILIES`` maps a family's name to its record (:class:`apjax.models.family.ModelFamily`); a new family
+is its own module plus one line here. :func:`family_of` finds the family of a ``config.model`` string
+(``'vgg16/8'``, ``'8,8,M,16,M'``, ``'resnet50/4'``) and :func:`create_model` builds it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from apjax.errors import ConfigError
-from apjax.models.taps import tap_gradients, tap_shapes, top1_seed
+from apjax.models import resnet, vgg
+from apjax.models.family import ModelFamily
+from apjax.models.family import init_variables as _init
+from apjax.models.taps import apply_with_taps, tap_gradients, tap_shapes, top1_seed
 from apjax.models.vgg import (
     INITS,
+    VARIANTS,
     VGG,
     VGG16_WIDTHS,
     check_input_size,
     conv_names,
     feature_size,
     tap_names,
+    variant_widths,
+    widths_string,
 )
 
-
-def _divide(widths: Sequence[int | str], d: int) -> tuple:
-    return tuple(w if w == "M" else int(w) // d for w in widths)
-
-
-VARIANTS: dict[str, tuple] = {
-    "vgg16": VGG16_WIDTHS,
-    "vgg16/2": _divide(VGG16_WIDTHS, 2),
-    "vgg16/4": _divide(VGG16_WIDTHS, 4),
-    "vgg16/8": _divide(VGG16_WIDTHS, 8),
+FAMILIES: dict[str, ModelFamily] = {
+    "vgg": vgg.FAMILY,
+    "resnet": resnet.FAMILY,
 }
 
 
-def variant_widths(name: str) -> tuple:
-    """The widths of a named variant (``'vgg16/8'``) or of an explicit list (``'8,8,M,16,M'``).
+def family_of(model: str | Sequence[int | str] | nn.Module) -> ModelFamily:
+    """The family of a ``config.model`` string, of a VGG widths list, or of a built model.
 
-    ``ValueError`` listing the choices for an unknown name or a malformed list.
+    ``ConfigError`` listing the families and examples when no family recognises it.
     """
-    if "," in name:
-        items = [w.strip() for w in name.split(",")]
-        if all(w == "M" or w.isdigit() and int(w) > 0 for w in items) and any(w != "M" for w in items):
-            return tuple(w if w == "M" else int(w) for w in items)
-        raise ConfigError(f"model {name!r} is not a list of positive conv widths and 'M' pools.")
-    if name not in VARIANTS:
-        raise ConfigError(
-            f"unknown model {name!r}; choose one of {sorted(VARIANTS)} or give widths like '8,8,M,16,M'."
-        )
-    return VARIANTS[name]
-
-
-def widths_string(widths) -> str:
-    """The config form of a widths list: ``(8, 8, 'M')`` -> ``'8,8,M'``."""
-    return ",".join(str(w) for w in widths)
+    if isinstance(model, nn.Module):
+        for family in FAMILIES.values():
+            if isinstance(model, family.module):
+                return family
+        raise ConfigError(f"{type(model).__name__} belongs to no registered model family ({list(FAMILIES)}).")
+    if not isinstance(model, str):
+        return FAMILIES["vgg"]  # a widths list
+    for family in FAMILIES.values():
+        if family.recognizes(model):
+            return family
+    examples = [e for f in FAMILIES.values() for e in f.examples]
+    raise ConfigError(
+        f"unknown model {model!r}; give a model of one of the families {list(FAMILIES)}, e.g. {examples}."
+    )
 
 
 def create_model(
     model: str | Sequence[int | str],
     num_classes: int = 20,
     dtype: Any = jnp.float32,
-    dropout_rate: float = 0.5,
+    dropout_rate: float | None = None,
     init: str = "pytorch_default",
-) -> VGG:
-    """A :class:`VGG` from a variant name (``'vgg16/8'``) or an explicit widths list; ``init`` is the
-    weight initialisation, ``'pytorch_default'`` (the reference's) or ``'torchvision'``."""
-    widths = variant_widths(model) if isinstance(model, str) else tuple(model)
-    for w in widths:
-        if w != "M" and (not isinstance(w, int) or w < 1):
-            raise ConfigError(f"widths must be positive integers or 'M', got {w!r} in {widths}.")
-    if init not in INITS:
-        raise ConfigError(f"unknown init {init!r}; choose one of {list(INITS)}.")
-    return VGG(
-        widths=widths, num_classes=num_classes, dtype=dtype, dropout_rate=dropout_rate, weight_init=init
-    )
+) -> nn.Module:
+    """The model named by ``model`` (a ``config.model`` string, or a VGG widths list) with ``num_classes``
+    outputs; ``dropout_rate`` None keeps the family's default (0.5 before VGG's head, none in ResNet)."""
+    family = family_of(model)
+    kwargs = {} if dropout_rate is None else {"dropout_rate": dropout_rate}
+    return family.build(model, num_classes=num_classes, dtype=dtype, init=init, **kwargs)
 
 
-def init_variables(model: VGG, key: jax.Array, image_size: int) -> dict[str, Any]:
-    """``{'params', 'batch_stats'}`` for square inputs of side ``image_size`` (checked against the pools)."""
-    check_input_size(model.widths, image_size)
-    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    variables = jax.jit(lambda k: model.init(k, x))(key)
-    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+def init_variables(model: nn.Module, key: jax.Array, image_size: int) -> dict[str, Any]:
+    """``{'params', 'batch_stats'}`` for square inputs of side ``image_size`` (checked by the family)."""
+    family_of(model).check_input(model, image_size)
+    return _init(model, key, image_size)
 
 
 def count_params(params: Any) -> int:
@@ -89,14 +85,18 @@ def count_params(params: Any) -> int:
 
 
 __all__ = [
+    "FAMILIES",
     "INITS",
     "VARIANTS",
     "VGG",
     "VGG16_WIDTHS",
+    "ModelFamily",
+    "apply_with_taps",
     "check_input_size",
     "conv_names",
     "count_params",
     "create_model",
+    "family_of",
     "feature_size",
     "init_variables",
     "tap_gradients",

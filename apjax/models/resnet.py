@@ -12,16 +12,14 @@ residual sum and/or a ReLU as in torchvision. Parameter counts with a 20-way hea
 
 Named taps, the outputs of every stage: ``stem`` (after the max-pool), ``layer1`` .. ``layer4`` (each
 after its last block's ReLU; ``layer4`` is the Grad-CAM layer, 7x7 at 224x224) and ``pool`` (the global
-average, (B, 1, 1, C)). The call follows :class:`apjax.models.vgg.VGG`'s: ``(logits, acts)`` for the
-requested ``taps``, and ``offsets`` added at taps for :func:`apjax.models.taps.tap_gradients`.
-
-This module is the model alone: the tasks, configs and the sweep do not build it yet (they describe a VGG
-by its widths); joining them is the model-protocol work of issue 14.
+average, (B, 1, 1, C)), exposed through Flax's intermediates (:func:`apjax.models.taps.tap`); a call
+returns the logits alone. :data:`FAMILY` is the family's record: the tasks, configs and the sweep build
+a ResNet from ``config.model = 'resnet18'``, ``'resnet50/4'`` ... like any VGG.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -30,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from apjax.errors import ConfigError
-from apjax.models.taps import tap_recorder
+from apjax.models.family import ModelFamily
+from apjax.models.taps import tap
 from apjax.models.torch_import import take_entry
 from apjax.models.vgg import INITS, layer_inits
 
@@ -136,38 +135,39 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     weight_init: str = "pytorch_default"
 
-    @nn.compact
-    def __call__(
-        self,
-        x: jnp.ndarray,
-        train: bool = False,
-        taps: Sequence[str] = (),
-        offsets: Mapping[str, jnp.ndarray] | None = None,
-    ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-        """Forward pass: images float (B, H, W, 3) -> ``(logits (B, num_classes), {tap: (B, h, w, c)})``.
+    @property
+    def tap_names(self) -> tuple[str, ...]:
+        """Every tap, in forward order: ``stem``, ``layer1`` .. ``layer4``, ``pool``."""
+        return TAPS
 
-        ``offsets`` (tap name -> array of that tap's shape) are added at the taps, as in VGG.
-        """
+    @property
+    def gradcam_tap(self) -> str:
+        """The Grad-CAM layer: the last stage, ``layer4``."""
+        return GRADCAM_TAP
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        """Forward pass: images float (B, H, W, 3) -> logits (B, num_classes); the stage outputs are taps
+        (:func:`apjax.models.taps.tap`)."""
         kind, blocks = DEPTHS[self.depth]
-        tap, acts = tap_recorder(TAPS, taps, offsets)
 
         x = x.astype(self.dtype)
         stem = max(1, 64 // self.divisor)
         x = nn.relu(_ConvBN(stem, 7, 2, self.dtype, self.weight_init, name="stem")(x, train))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        x = tap("stem", x)
+        x = tap(self, "stem", x)
         for s, (n, base) in enumerate(zip(blocks, BASE_WIDTHS, strict=True), start=1):
             width = max(1, base // self.divisor)
             for b in range(n):
                 stride = 2 if (b == 0 and s > 1) else 1
                 x = _Block(kind, width, stride, self.dtype, self.weight_init, name=f"layer{s}_{b}")(x, train)
-            x = tap(f"layer{s}", x)
-        x = tap("pool", jnp.mean(x, axis=(1, 2), keepdims=True))
+            x = tap(self, f"layer{s}", x)
+        x = tap(self, "pool", jnp.mean(x, axis=(1, 2), keepdims=True))
         x = x.reshape(x.shape[0], -1)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         inits = layer_inits("pytorch_default", x.shape[-1], "dense")
         logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head", **inits)(x)
-        return logits.astype(jnp.promote_types(self.dtype, jnp.float32)), acts
+        return logits.astype(jnp.promote_types(self.dtype, jnp.float32))
 
 
 def create_resnet(
@@ -187,12 +187,16 @@ def create_resnet(
     )  # fmt: skip
 
 
-def init_resnet_variables(model: ResNet, key: jax.Array, image_size: int) -> dict[str, Any]:
-    """``{'params', 'batch_stats'}`` for square inputs of side ``image_size`` (at least 32)."""
+def check_resnet_input(model: ResNet, image_size: int) -> None:
+    """Raises ``ConfigError`` for images smaller than 32 pixels (the net halves them five times)."""
     if image_size < 32:
         raise ConfigError(f"image_size={image_size} is too small for a ResNet (5 halvings); use at least 32.")
-    variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, image_size, image_size, 3))))(key)
-    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+
+def resnet_student(spec: str, divisor: int) -> str:
+    """``'resnet18'``, 4 -> ``'resnet18/4'`` (a student's divisor multiplies the teacher's)."""
+    depth, d = parse_resnet(spec)
+    return f"resnet{depth}/{d * divisor}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -259,3 +263,16 @@ def import_torchvision_resnet(
         }
     to_jax = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), t)  # noqa: E731
     return {"params": to_jax(params), "batch_stats": to_jax(stats)}
+
+
+FAMILY = ModelFamily(
+    name="resnet",
+    module=ResNet,
+    recognizes=lambda spec: spec.startswith("resnet"),
+    build=create_resnet,
+    check_input=check_resnet_input,
+    student=resnet_student,
+    import_weights=import_torchvision_resnet,
+    plain_chain=False,
+    examples=("resnet18", "resnet50", "resnet18/4"),
+)

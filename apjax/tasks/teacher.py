@@ -63,7 +63,7 @@ def make_train_step(
         labels = batch["labels"].astype(jnp.float32)
 
         def loss_fn(params):
-            (logits, _), updates = model.apply(
+            logits, updates = model.apply(
                 {"params": params, "batch_stats": state.batch_stats},
                 x,
                 train=True,

@@ -17,7 +17,7 @@ import ml_collections
 from apjax.data import DATASETS, HostCache, check_data_config, class_names, load_cached_split
 from apjax.data.synthetic import SyntheticConfig
 from apjax.errors import ConfigError
-from apjax.models import INITS, check_input_size, create_model, variant_widths
+from apjax.models import INITS, create_model, family_of
 from apjax.trainer.files import sync_processes
 
 PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -38,7 +38,7 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
     if config.data.dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {config.data.dataset!r}; choose one of {list(DATASETS)}.")
     check_data_config(config.data)  # cache_size (0: original resolution) and split_sizes
-    variant_widths(config.model)  # a named variant or a widths list
+    create_model(config.model)  # a model of a registered family
     if config.get("model_init", "pytorch_default") not in INITS:
         raise ConfigError(f"unknown config.model_init {config.model_init!r}; choose one of {list(INITS)}.")
     if config.get("from_scratch", False) and config.get("init_from"):
@@ -87,7 +87,8 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
 
 def check_model_input(config: ml_collections.ConfigDict) -> None:
     """Raises :class:`ConfigError` when ``config.data.image_size`` is too small for ``config.model``."""
-    check_input_size(create_model(config.model).widths, config.data.image_size)
+    model = create_model(config.model)
+    family_of(model).check_input(model, config.data.image_size)
 
 
 def synthetic_config(config: ml_collections.ConfigDict) -> SyntheticConfig:

@@ -26,7 +26,7 @@ def make_eval_step(model, image_size: int, mesh: Mesh) -> Callable:
 
     def step(params, batch_stats, images, extents):
         x = eval_preprocess(images, extents, out_size=image_size, dtype=model.dtype)
-        logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, x)
+        logits = model.apply({"params": params, "batch_stats": batch_stats}, x)
         return logits
 
     replicated = NamedSharding(mesh, PartitionSpec())

@@ -15,9 +15,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from flax import traverse_util
 
 from apjax.compress.unstructured import all_kept_masks
-from apjax.models import init_variables
+from apjax.errors import ConfigError
+from apjax.models import family_of, init_variables
+from apjax.models.torch_import import load_state_dict
 
 
 @flax.struct.dataclass
@@ -61,11 +64,7 @@ def create_train_state(
     init_key, run_key = jax.random.split(key)
     variables = init_variables(model, init_key, config.data.image_size)
     if pretrained and config.get("init_from"):
-        from apjax.models.torch_import import import_torchvision_vgg_bn, load_state_dict
-
-        variables = import_torchvision_vgg_bn(
-            load_state_dict(os.path.expanduser(config.init_from)), variables, model.widths
-        )
+        variables = import_weights(model, config.init_from, variables)
     kept = all_kept_masks(variables["params"]) if masks else {}
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -75,6 +74,17 @@ def create_train_state(
         rng=jax.random.key_data(run_key),
         masks=kept,
     )
+
+
+def import_weights(model, path: str, variables: dict[str, Any]) -> dict[str, Any]:
+    """``variables`` with the torchvision weights of the file ``path`` (``.pth`` or ``.npz``) imported by
+    ``model``'s family (a new head); ``ConfigError`` when the family has no weight import."""
+    family = family_of(model)
+    if family.import_weights is None:
+        raise ConfigError(
+            f"config.init_from is set but the {family.name} family has no weight import; unset init_from."
+        )
+    return family.import_weights(load_state_dict(os.path.expanduser(path)), variables, model)
 
 
 def abstract_train_state(
@@ -96,13 +106,14 @@ def step_keys(state: TrainState, n: int) -> jax.Array:
 
 
 def mask_params(tree: Any, masks: Mapping[str, jax.Array]) -> Any:
-    """``tree`` (params or gradients) with the conv kernels zeroed where ``masks`` is False."""
+    """``tree`` (params or gradients) with the conv kernels zeroed where ``masks`` is False; a mask's name
+    is the path of its conv module, joined with '/' (``conv1_1``, ``layer1_0/conv1/conv``)."""
     if not masks:
         return tree
-    out = dict(tree)
+    flat = traverse_util.flatten_dict(tree, sep="/")
     for name, m in masks.items():
-        out[name] = {**tree[name], "kernel": jnp.where(m, tree[name]["kernel"], 0)}
-    return out
+        flat[f"{name}/kernel"] = jnp.where(m, flat[f"{name}/kernel"], 0)
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def apply_gradients(
