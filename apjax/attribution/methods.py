@@ -71,22 +71,22 @@ def attribution_fn(
             return gradcam_map(acts[tap], grads[tap], reduce="sum", relu=True)
 
     elif method in ("excitation_bp", "lrp", "rap"):
-        from apjax.attribution import rules
+        from apjax.attribution import folded_net, rap_rule, rules
 
         if method == "excitation_bp":
 
             def fn(v, x, cls):
-                return rules.excitation_backprop(rules.fold_batchnorm(v, widths), x, cls, read_at=tap)
+                return rules.excitation_backprop(folded_net.fold_batchnorm(v, widths), x, cls, read_at=tap)
 
         elif method == "lrp":
 
             def fn(v, x, cls):
-                return rules.lrp_alpha1beta0(rules.fold_batchnorm(v, widths), x, cls)
+                return rules.lrp_alpha1beta0(folded_net.fold_batchnorm(v, widths), x, cls)
 
         else:
 
             def fn(v, x, cls):
-                return rules.rap(rules.fold_batchnorm(v, widths), x, cls)
+                return rap_rule.rap(folded_net.fold_batchnorm(v, widths), x, cls)
 
     else:
         from apjax.attribution import gradients
