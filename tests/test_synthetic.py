@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from apjax.data import synthetic
+from apjax.data import synthetic, synthetic_shapes
 from apjax.data.synthetic import (
     CLASS_NAMES,
     MIN_INTERIOR_PIXELS,
@@ -70,7 +70,7 @@ def test_families_fit_unit_box_and_differ():
     v, u = np.meshgrid(c, c, indexing="ij")
     inside_box = (np.abs(u) <= 1.0) & (np.abs(v) <= 1.0)
     regions = []
-    for name, inside in synthetic._FAMILIES:
+    for name, inside in synthetic_shapes.FAMILIES:
         region = inside(u, v)
         # the bounding box of an instance is that of [-1, 1]^2: nothing may stick out of it
         assert not (region & ~inside_box).any(), name
@@ -177,7 +177,7 @@ def test_regions_match_analytic_shapes():
             dx, dy = x - cx, y - cy
             u = (dx * math.cos(rot) + dy * math.sin(rot)) / hx
             v = (dy * math.cos(rot) - dx * math.sin(rot)) / hy
-            expected = synthetic._FAMILIES[inst["class_id"] - 1][1](u, v)
+            expected = synthetic_shapes.FAMILIES[inst["class_id"] - 1][1](u, v)
             assert CLASS_NAMES[inst["class_id"] - 1] == inst["family"]
             # float32 vs float64 may flip a pixel whose centre lies on the boundary
             assert (expected != inst["region"]).sum() <= 2

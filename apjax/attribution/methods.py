@@ -71,7 +71,7 @@ def attribution_fn(
             return gradcam_map(acts[tap], grads[tap], reduce="sum", relu=True)
 
     elif method in ("excitation_bp", "lrp", "rap"):
-        from apjax.attribution import rules
+        from apjax.attribution import folded_net, rap_rule, rules
 
         family = family_of(model)
         if not family.plain_chain:
@@ -84,17 +84,17 @@ def attribution_fn(
         if method == "excitation_bp":
 
             def fn(v, x, cls):
-                return rules.excitation_backprop(rules.fold_batchnorm(v, widths), x, cls, read_at=tap)
+                return rules.excitation_backprop(folded_net.fold_batchnorm(v, widths), x, cls, read_at=tap)
 
         elif method == "lrp":
 
             def fn(v, x, cls):
-                return rules.lrp_alpha1beta0(rules.fold_batchnorm(v, widths), x, cls)
+                return rules.lrp_alpha1beta0(folded_net.fold_batchnorm(v, widths), x, cls)
 
         else:
 
             def fn(v, x, cls):
-                return rules.rap(rules.fold_batchnorm(v, widths), x, cls)
+                return rap_rule.rap(folded_net.fold_batchnorm(v, widths), x, cls)
 
     else:
         from apjax.attribution import gradients

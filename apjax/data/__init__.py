@@ -20,9 +20,11 @@ import os
 from pathlib import Path
 
 from apjax.data.cache import ORIGINAL, HostCache, check_cache_size, get_cache, source_fingerprint
-from apjax.data.synthetic import CLASS_NAMES, SyntheticConfig
+from apjax.data.synthetic import SyntheticConfig
 from apjax.data.synthetic_builder import prepare_synthetic
-from apjax.data.voc import VOC_CLASSES, VOC_SPLIT_SIZES, load_voc_split, prepare_voc
+from apjax.data.synthetic_shapes import CLASS_NAMES
+from apjax.data.voc import VOC_SPLIT_SIZES, load_voc_split, prepare_voc
+from apjax.data.voc_source import VOC_CLASSES
 from apjax.errors import ConfigError
 
 DATASETS = ("synthetic", "voc")

@@ -45,6 +45,25 @@ STD = (0.2239, 0.2186, 0.2206)
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
+def _centre_crop_fallback(
+    size_h: jax.Array, size_w: jax.Array, ratio: Sequence[float]
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The centre crop with the aspect ratio clamped into ``ratio``: int32 (B,) top, left, height, width.
+
+    ``size_h``, ``size_w``: int32 (B,) original image sizes.
+    """
+    hf = size_h.astype(jnp.float32)
+    wf = size_w.astype(jnp.float32)
+    in_ratio = wf / hf
+    too_tall = in_ratio < ratio[0]
+    too_wide = in_ratio > ratio[1]
+    h_fb = jnp.where(too_tall, jnp.round(wf / ratio[0]).astype(jnp.int32), size_h)
+    w_fb = jnp.where(too_wide, jnp.round(hf * ratio[1]).astype(jnp.int32), size_w)
+    h_fb = jnp.clip(h_fb, 1, size_h)
+    w_fb = jnp.clip(w_fb, 1, size_w)
+    return (size_h - h_fb) // 2, (size_w - w_fb) // 2, h_fb, w_fb
+
+
 def sample_crop_boxes(
     key: jax.Array,
     sizes: jax.Array,
@@ -95,27 +114,10 @@ def sample_crop_boxes(
     top_rand = jax.random.randint(k_top, (batch,), 0, size_h - h_rand + 1, dtype=jnp.int32)
     left_rand = jax.random.randint(k_left, (batch,), 0, size_w - w_rand + 1, dtype=jnp.int32)
 
-    # Fallback: centre crop with the aspect ratio clamped into `ratio`.
-    in_ratio = wf[:, 0] / hf[:, 0]
-    too_tall = in_ratio < ratio[0]
-    too_wide = in_ratio > ratio[1]
-    h_fb = jnp.where(too_tall, jnp.round(wf[:, 0] / ratio[0]).astype(jnp.int32), size_h)
-    w_fb = jnp.where(too_wide, jnp.round(hf[:, 0] * ratio[1]).astype(jnp.int32), size_w)
-    h_fb = jnp.clip(h_fb, 1, size_h)
-    w_fb = jnp.clip(w_fb, 1, size_w)
-    top_fb = (size_h - h_fb) // 2
-    left_fb = (size_w - w_fb) // 2
-
-    boxes = jnp.stack(
-        [
-            jnp.where(found, top_rand, top_fb),
-            jnp.where(found, left_rand, left_fb),
-            jnp.where(found, h_rand, h_fb),
-            jnp.where(found, w_rand, w_fb),
-        ],
-        axis=1,
-    )
-    return boxes.astype(jnp.int32)
+    fallback = _centre_crop_fallback(size_h, size_w, ratio)
+    randoms = (top_rand, left_rand, h_rand, w_rand)
+    boxes = [jnp.where(found, r, f) for r, f in zip(randoms, fallback, strict=True)]
+    return jnp.stack(boxes, axis=1).astype(jnp.int32)
 
 
 def _axis_weights(

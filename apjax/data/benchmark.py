@@ -61,14 +61,42 @@ class _VocShaped:
         return ex
 
 
+def _device_stages(cache, image_size: int, batch_size: int, count: int) -> dict:
+    """Batches of ``cache`` to the device mesh, then train augmentation and eval preprocessing to
+    ``image_size`` (images/s, and the batch size used)."""
+    from apjax.data.augment import eval_preprocess, train_augment
+    from apjax.data.pipeline import TrainBatches, data_mesh
+
+    results: dict = {}
+    mesh = data_mesh()
+    bs = min(batch_size, count) // mesh.devices.size * mesh.devices.size
+    batches = TrainBatches(cache, bs, seed=0, mesh=mesh)
+    steps = max(4, min(64, 4 * batches.steps_per_epoch))
+    start = time.perf_counter()
+    for _, b in batches.iterate(0, steps):
+        jax.block_until_ready(b["images"])
+    results["batches_to_device_images_per_s"] = _rate(steps * bs, time.perf_counter() - start)
+
+    b = batches.batch(0)
+    augment = jax.jit(train_augment, static_argnames=("out_size", "dtype"))
+    key = jax.random.key(0)
+    t = _time_device(
+        lambda k: augment(k, b["images"], b["sizes"], b["extents"], out_size=image_size), key, repeats=5
+    )
+    results["train_augment_images_per_s"] = _rate(bs, t)
+    evaluate = jax.jit(eval_preprocess, static_argnames=("out_size", "dtype"))
+    t = _time_device(lambda im: evaluate(im, b["extents"], out_size=image_size), b["images"], repeats=5)
+    results["eval_preprocess_images_per_s"] = _rate(bs, t)
+    results["batch_size"] = bs
+    return results
+
+
 def run(
     image_size: int, count: int, batch_size: int, cache_size: int, voc: bool, source_size: int | None
 ) -> dict:
     """Runs every stage and returns the figures (images/s unless named otherwise)."""
     from apjax.data import load_split
-    from apjax.data.augment import eval_preprocess, train_augment
     from apjax.data.cache import get_cache, load_cache
-    from apjax.data.pipeline import TrainBatches, data_mesh
     from apjax.data.synthetic import SyntheticConfig, generate_example
 
     side = 500 if voc else source_size or image_size + image_size // 8
@@ -102,26 +130,7 @@ def run(
         results["cache_slot_side"] = cache.size
         results["cache_bytes_per_image"] = int(cache.images[0].nbytes)
 
-        mesh = data_mesh()
-        bs = min(batch_size, count) // mesh.devices.size * mesh.devices.size
-        batches = TrainBatches(cache, bs, seed=0, mesh=mesh)
-        steps = max(4, min(64, 4 * batches.steps_per_epoch))
-        start = time.perf_counter()
-        for _, b in batches.iterate(0, steps):
-            jax.block_until_ready(b["images"])
-        results["batches_to_device_images_per_s"] = _rate(steps * bs, time.perf_counter() - start)
-
-        b = batches.batch(0)
-        augment = jax.jit(train_augment, static_argnames=("out_size", "dtype"))
-        key = jax.random.key(0)
-        t = _time_device(
-            lambda k: augment(k, b["images"], b["sizes"], b["extents"], out_size=image_size), key, repeats=5
-        )
-        results["train_augment_images_per_s"] = _rate(bs, t)
-        evaluate = jax.jit(eval_preprocess, static_argnames=("out_size", "dtype"))
-        t = _time_device(lambda im: evaluate(im, b["extents"], out_size=image_size), b["images"], repeats=5)
-        results["eval_preprocess_images_per_s"] = _rate(bs, t)
-        results["batch_size"] = bs
+        results.update(_device_stages(cache, image_size, batch_size, count))
     return results
 
 

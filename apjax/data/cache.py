@@ -200,6 +200,35 @@ class _Slots:
             setattr(self, attr, None)
 
 
+def _fill_slots(source, first: tuple, slots: _Slots, cache_size: int, with_masks: bool, desc: str):
+    """Decodes ``source`` (its element 0 already decoded as ``first``) into ``slots`` on a thread pool.
+
+    Returns ``({"sizes": int32 (N, 2) original (H, W), "extents": int32 (N, 2) stored (h, w), "labels": uint8
+    (N, K)}, ids)`` with ``ids`` the N image ids.
+    """
+    n = len(source)
+    sizes = np.zeros((n, 2), np.int32)
+    extents = np.zeros((n, 2), np.int32)
+    labels = np.zeros((n, first[2].shape[0]), np.uint8)
+    ids = [""] * n
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        decode = lambda i: (i, _decode(source, i, cache_size, with_masks))  # noqa: E731
+        # Chunks bound the decoded images held in memory ahead of the writer.
+        done = (r for c in range(1, n, _CHUNK) for r in pool.map(decode, range(c, min(n, c + _CHUNK))))
+        for i, (image, hw, label, mask, image_id) in tqdm(
+            _chain_first(first, done), total=n, desc=desc, leave=False
+        ):
+            h, w = image.shape[:2]
+            if max(h, w) > slots.side:
+                slots.grow(max(h, w), filled=i)
+            slots.images[i, :h, :w] = image
+            if slots.masks is not None:
+                slots.masks[i, :h, :w] = mask
+            sizes[i], extents[i], labels[i], ids[i] = hw, (h, w), label, image_id
+    return {"sizes": sizes, "extents": extents, "labels": labels}, ids
+
+
 def build_cache(
     source,
     directory: str | os.PathLike,
@@ -229,34 +258,14 @@ def build_cache(
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         first = _decode(source, 0, cache_size, with_masks)
-        k = first[2].shape[0]
         # Original resolution: start from the first image's larger side and grow when a larger one comes
         # (VOC: almost every image has a 500-pixel side, so the first slot side is usually final).
         slots = _Slots(tmp, n, cache_size or max(first[1]), with_masks)
-        sizes = np.zeros((n, 2), np.int32)
-        extents = np.zeros((n, 2), np.int32)
-        labels = np.zeros((n, k), np.uint8)
-        ids = [""] * n
-        workers = max(1, min(8, os.cpu_count() or 1))
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            decode = lambda i: (i, _decode(source, i, cache_size, with_masks))  # noqa: E731
-            # Chunks bound the decoded images held in memory ahead of the writer.
-            done = (r for c in range(1, n, _CHUNK) for r in pool.map(decode, range(c, min(n, c + _CHUNK))))
-            for i, (image, hw, label, mask, image_id) in tqdm(
-                _chain_first(first, done), total=n, desc=desc, leave=False
-            ):
-                h, w = image.shape[:2]
-                if max(h, w) > slots.side:
-                    slots.grow(max(h, w), filled=i)
-                slots.images[i, :h, :w] = image
-                if slots.masks is not None:
-                    slots.masks[i, :h, :w] = mask
-                sizes[i], extents[i], labels[i], ids[i] = hw, (h, w), label, image_id
+        arrays, ids = _fill_slots(source, first, slots, cache_size, with_masks, desc)
         side = slots.side
         slots.close()
-        np.save(tmp / "sizes.npy", sizes)
-        np.save(tmp / "extents.npy", extents)
-        np.save(tmp / "labels.npy", labels)
+        for name, array in arrays.items():
+            np.save(tmp / f"{name}.npy", array)
         (tmp / "ids.json").write_text(json.dumps(ids))
         meta = {**_meta(cache_size, n, with_masks, fingerprint), "slot": side}
         (tmp / "meta.json").write_text(json.dumps(meta))

@@ -21,7 +21,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from apjax.data.synthetic import CLASS_NAMES, SPLITS, SyntheticConfig, generate_example
+from apjax.data.synthetic import SPLITS, SyntheticConfig, generate_example
+from apjax.data.synthetic_shapes import CLASS_NAMES
 from apjax.errors import ConfigError
 
 DEFAULT_SPLIT_SIZES = {"train": 4000, "val": 1000, "segmentation_val": 500}

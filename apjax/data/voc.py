@@ -21,59 +21,56 @@ Two builder configs:
 * ``segmentation``: split ``val`` (``ImageSets/Segmentation/val.txt``); the same features plus
   ``mask`` (H, W, 1) uint8 holding the palette indices of ``SegmentationClass/<id>.png``
   (0 background, 1..20 the classes, 255 void).
+
+This module holds the builder, its preparation and loading; reading and checking the source files is
+:mod:`apjax.data.voc_source`'s.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import tarfile
-import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
-from PIL import Image
 
-from apjax.errors import ConfigError, MissingFileError
-
-VOC_CLASSES: tuple[str, ...] = (
-    "aeroplane",
-    "bicycle",
-    "bird",
-    "boat",
-    "bottle",
-    "bus",
-    "car",
-    "cat",
-    "chair",
-    "cow",
-    "diningtable",
-    "dog",
-    "horse",
-    "motorbike",
-    "person",
-    "pottedplant",
-    "sheep",
-    "sofa",
-    "train",
-    "tvmonitor",
+from apjax.data.voc_source import (
+    MAIN_LISTS,
+    SEGMENTATION_LIST,
+    VOC_CLASSES,
+    VOC_TAR_NAME,
+    VOC_URL,
+    DatasetNotFoundError,
+    Source,
+    VocDataError,
+    find_source,
+    load_image,
+    load_mask,
+    missing_source_error,
+    parse_labels,
+    read_id_list,
+    source_path,
 )
+from apjax.errors import ConfigError
+
+# VOC_CLASSES, VOC_TAR_NAME, VOC_URL and the two errors come from voc_source.
+__all__ = [
+    "VOC_CLASSES",
+    "VOC_SPLIT_SIZES",
+    "VOC_TAR_NAME",
+    "VOC_URL",
+    "ApjaxVoc2012",
+    "DatasetNotFoundError",
+    "VocDataError",
+    "load_voc_split",
+    "prepare_voc",
+]
+
 # The official split sizes (ImageSets/Main train and val, ImageSets/Segmentation val).
 VOC_SPLIT_SIZES = {"train": 5717, "val": 5823, "segmentation_val": 1449}
-VOC_TAR_NAME = "VOCtrainval_11-May-2012.tar"
-VOC_URL = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
-
-VOC_VOID_INDEX = 255
-_CLASS_INDEX = {name: i for i, name in enumerate(VOC_CLASSES)}
-_VALID_MASK_VALUES = np.array(list(range(len(VOC_CLASSES) + 1)) + [VOC_VOID_INDEX])
-_JPEG_QUALITY = 95
-
-# Paths inside VOC2012/.
-_MAIN_LISTS = {"train": "ImageSets/Main/train.txt", "val": "ImageSets/Main/val.txt"}
-_SEGMENTATION_LIST = "ImageSets/Segmentation/val.txt"
 
 # load_voc_split name -> (builder config, tfds split).
 _SPLITS = {
@@ -88,267 +85,6 @@ _CITATION = """\
   title = "The {PASCAL} {V}isual {O}bject {C}lasses {C}hallenge 2012 {(VOC2012)} {R}esults",
   howpublished = "http://www.pascal-network.org/challenges/VOC/voc2012/workshop/index.html"}
 """
-
-
-def _reason(e: BaseException) -> str:
-    """The exception text on one line (tarfile and PIL messages may span several)."""
-    text = " ".join(str(e).split()).rstrip(".")
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-class DatasetNotFoundError(MissingFileError):
-    """VOC source files (or the prepared dataset) are missing."""
-
-
-class VocDataError(ConfigError):
-    """A VOC source file exists but its content is invalid."""
-
-
-# --------------------------------------------------------------------------------------------
-# Sources: the extracted folder or the tar.
-# --------------------------------------------------------------------------------------------
-
-
-class _FolderSource:
-    """Reads files of an extracted ``VOC2012`` folder."""
-
-    def __init__(self, root: Path):
-        self.root = root
-
-    def describe(self, rel: str) -> str:
-        return str(self.root / rel)
-
-    def read(self, rel: str) -> bytes:
-        path = self.root / rel
-        try:
-            return path.read_bytes()
-        except FileNotFoundError:
-            raise DatasetNotFoundError(
-                f"PASCAL VOC 2012 file {path} is missing: re-extract {VOC_TAR_NAME} "
-                f"(from {VOC_URL}) so that the VOC2012 folder is complete."
-            ) from None
-        except OSError as e:
-            raise VocDataError(f"PASCAL VOC 2012 file {path} cannot be read ({_reason(e)}).") from e
-
-    def close(self) -> None:
-        pass
-
-
-class _TarSource:
-    """Reads members of the (uncompressed) VOC tar with random access, without extracting it.
-
-    The member index is built once (one pass over the tar headers); the file handle is opened
-    lazily and closed by :meth:`close` (it is reopened on the next read if needed).
-    """
-
-    def __init__(self, tar_path: Path):
-        self.tar_path = tar_path
-        self._tar: tarfile.TarFile | None = None
-        self._members: dict[str, tarfile.TarInfo] | None = None
-        self._prefix = ""
-
-    def _open(self) -> tarfile.TarFile:
-        if self._tar is None:
-            try:
-                self._tar = tarfile.open(self.tar_path, mode="r:*")
-            except (tarfile.TarError, OSError) as e:
-                raise VocDataError(
-                    f"{self.tar_path} is not a readable tar archive: download it again from {VOC_URL}."
-                ) from e
-            if self._members is None:
-                self._index(self._tar)
-        return self._tar
-
-    def _index(self, tar: tarfile.TarFile) -> None:
-        try:
-            members = {m.name.removeprefix("./"): m for m in tar.getmembers() if m.isfile()}
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise VocDataError(
-                f"{self.tar_path} is a truncated or corrupt tar archive ({_reason(e)}): download it again "
-                f"from {VOC_URL}."
-            ) from e
-        for prefix in ("VOCdevkit/VOC2012/", "VOC2012/", ""):
-            if any(name.startswith(prefix + "JPEGImages/") for name in members):
-                self._prefix = prefix
-                break
-        else:
-            self._prefix = "VOCdevkit/VOC2012/"
-        self._members = members
-
-    def describe(self, rel: str) -> str:
-        return f"{self.tar_path}:{self._prefix}{rel}"
-
-    def read(self, rel: str) -> bytes:
-        tar = self._open()
-        assert self._members is not None
-        member = self._members.get(self._prefix + rel)
-        if member is None:
-            raise DatasetNotFoundError(
-                f"PASCAL VOC 2012 file {self.describe(rel)} is missing from the tar: download "
-                f"{VOC_TAR_NAME} again from {VOC_URL}."
-            )
-        try:
-            fobj = tar.extractfile(member)
-            assert fobj is not None
-            with fobj:
-                data = fobj.read()
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise VocDataError(
-                f"PASCAL VOC 2012 file {self.describe(rel)} cannot be read from the tar ({_reason(e)})."
-            ) from e
-        if len(data) != member.size:
-            raise VocDataError(
-                f"PASCAL VOC 2012 file {self.describe(rel)} is truncated in the tar: download "
-                f"{VOC_TAR_NAME} again from {VOC_URL}."
-            )
-        return data
-
-    def close(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
-            self._tar = None
-
-
-def _missing_source_error(manual_dir: Path) -> DatasetNotFoundError:
-    return DatasetNotFoundError(
-        f"PASCAL VOC 2012 was not found at {manual_dir}: download {VOC_URL} and put it at "
-        f"{manual_dir / VOC_TAR_NAME}, or give as the manual directory the tar file itself or the extracted "
-        "VOCdevkit or VOCdevkit/VOC2012 folder."
-    )
-
-
-def _is_voc2012_folder(folder: Path) -> bool:
-    return (folder / "ImageSets").is_dir() or (folder / "JPEGImages").is_dir()
-
-
-def _source_path(manual_dir: str | os.PathLike) -> Path:
-    """Where VOC 2012 is, given a manual directory; a DatasetNotFoundError when it is not there.
-
-    Accepted, in this order: a tar file itself; a folder holding ``VOCdevkit/VOC2012``; a ``VOCdevkit``
-    folder (holding ``VOC2012``); the ``VOC2012`` folder itself (holding ``ImageSets`` / ``JPEGImages``);
-    a folder holding ``VOCtrainval_11-May-2012.tar``.
-    """
-    manual_dir = Path(manual_dir).expanduser().resolve()
-    if manual_dir.is_file():
-        return manual_dir
-    for folder in (manual_dir / "VOCdevkit" / "VOC2012", manual_dir / "VOC2012", manual_dir):
-        if folder.is_dir() and _is_voc2012_folder(folder):
-            return folder
-    tar_path = manual_dir / VOC_TAR_NAME
-    if tar_path.is_file():
-        return tar_path
-    raise _missing_source_error(manual_dir)
-
-
-def _find_source(manual_dir: str | os.PathLike) -> _FolderSource | _TarSource:
-    """Returns the VOC source at ``manual_dir`` (see :func:`_source_path`)."""
-    path = _source_path(manual_dir)
-    return _TarSource(path) if path.is_file() else _FolderSource(path)
-
-
-# --------------------------------------------------------------------------------------------
-# Per-file parsing / validation.
-# --------------------------------------------------------------------------------------------
-
-
-def _read_id_list(source: _FolderSource | _TarSource, rel: str) -> list[str]:
-    raw = source.read(rel)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise VocDataError(
-            f"PASCAL VOC 2012 list file {source.describe(rel)} is not a text file ({_reason(e)})."
-        ) from e
-    ids = [line.split()[0] for line in text.splitlines() if line.strip()]
-    if not ids:
-        raise VocDataError(f"PASCAL VOC 2012 list file {source.describe(rel)} lists no images.")
-    if len(set(ids)) != len(ids):
-        raise VocDataError(f"PASCAL VOC 2012 list file {source.describe(rel)} lists some image ids twice.")
-    return ids
-
-
-def _parse_labels(source: _FolderSource | _TarSource, image_id: str) -> np.ndarray:
-    """Multi-hot uint8 (20,) of every ``<object><name>`` in the annotation (difficult included)."""
-    rel = f"Annotations/{image_id}.xml"
-    raw = source.read(rel)
-    try:
-        root = ET.fromstring(raw)
-    except ET.ParseError as e:
-        raise VocDataError(
-            f"PASCAL VOC 2012 annotation {source.describe(rel)} is not valid XML ({_reason(e)})."
-        ) from e
-    labels = np.zeros((len(VOC_CLASSES),), dtype=np.uint8)
-    for obj in root.iter("object"):
-        name = (obj.findtext("name") or "").strip()
-        if name not in _CLASS_INDEX:
-            raise VocDataError(
-                f"PASCAL VOC 2012 annotation {source.describe(rel)} has an object with unknown "
-                f"class name {name!r}."
-            )
-        labels[_CLASS_INDEX[name]] = 1
-    return labels
-
-
-def _load_image(source: _FolderSource | _TarSource, image_id: str) -> tuple[bytes, tuple[int, int]]:
-    """Returns (RGB JPEG bytes, (width, height)); the file is fully decoded to validate it.
-
-    RGB JPEGs are returned byte for byte; anything else (grayscale, CMYK, ...) is converted to
-    RGB and re-encoded as JPEG.
-    """
-    rel = f"JPEGImages/{image_id}.jpg"
-    raw = source.read(rel)
-    try:
-        with Image.open(io.BytesIO(raw)) as img:
-            img.load()
-            size = img.size
-            if img.format == "JPEG" and img.mode == "RGB":
-                return raw, size
-            rgb = img.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise VocDataError(
-            f"PASCAL VOC 2012 image {source.describe(rel)} is corrupt or unreadable ({_reason(e)}): "
-            f"replace it with the file from {VOC_TAR_NAME}."
-        ) from e
-    buf = io.BytesIO()
-    rgb.save(buf, format="JPEG", quality=_JPEG_QUALITY)
-    return buf.getvalue(), size
-
-
-def _load_mask(source: _FolderSource | _TarSource, image_id: str, image_size: tuple[int, int]) -> bytes:
-    """Returns the class-index mask as a single-channel ('L') PNG; 255 (void) is kept."""
-    rel = f"SegmentationClass/{image_id}.png"
-    raw = source.read(rel)
-    try:
-        with Image.open(io.BytesIO(raw)) as img:
-            img.load()
-            mode = img.mode
-            # For a palette image this is the palette INDEX, never the colour.
-            index = np.asarray(img) if mode in ("P", "L") else None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise VocDataError(
-            f"PASCAL VOC 2012 mask {source.describe(rel)} is corrupt or unreadable ({_reason(e)})."
-        ) from e
-    if index is None:
-        raise VocDataError(
-            f"PASCAL VOC 2012 mask {source.describe(rel)} has mode {mode!r} but must be a "
-            f"palette ('P') or 'L' image whose values are class indices."
-        )
-    height, width = index.shape
-    if (width, height) != image_size:
-        raise VocDataError(
-            f"PASCAL VOC 2012 mask {source.describe(rel)} is {width}x{height} but its image "
-            f"{source.describe(f'JPEGImages/{image_id}.jpg')} is {image_size[0]}x{image_size[1]}."
-        )
-    bad = np.setdiff1d(np.unique(index), _VALID_MASK_VALUES)
-    if bad.size:
-        raise VocDataError(
-            f"PASCAL VOC 2012 mask {source.describe(rel)} holds values {bad.tolist()} that are "
-            f"not class indices (0..20 or 255)."
-        )
-    buf = io.BytesIO()
-    Image.fromarray(index.astype(np.uint8), mode="L").save(buf, format="PNG")
-    return buf.getvalue()
-
 
 # --------------------------------------------------------------------------------------------
 # The builder.
@@ -411,32 +147,32 @@ class ApjaxVoc2012(tfds.core.GeneratorBasedBuilder):
                 manual_dir = getattr(dl_manager, "_manual_dir", None) or (
                     self.data_dir_root / "downloads" / "manual"
                 )
-                raise _missing_source_error(Path(manual_dir).expanduser().resolve()) from None
-        source = _find_source(manual_dir)
+                raise missing_source_error(Path(manual_dir).expanduser().resolve()) from None
+        source = find_source(manual_dir)
         try:
             if self.builder_config.name == "segmentation":
-                lists = {"val": _read_id_list(source, _SEGMENTATION_LIST)}
+                lists = {"val": read_id_list(source, SEGMENTATION_LIST)}
             else:
-                lists = {split: _read_id_list(source, rel) for split, rel in _MAIN_LISTS.items()}
+                lists = {split: read_id_list(source, rel) for split, rel in MAIN_LISTS.items()}
         finally:
             source.close()
         with_mask = self.builder_config.name == "segmentation"
         return {split: self._generate_examples(source, ids, with_mask) for split, ids in lists.items()}
 
     def _generate_examples(
-        self, source: _FolderSource | _TarSource, ids: list[str], with_mask: bool
+        self, source: Source, ids: list[str], with_mask: bool
     ) -> Iterator[tuple[str, dict]]:
         try:
             for image_id in ids:
-                labels = _parse_labels(source, image_id)
-                jpeg, size = _load_image(source, image_id)
+                labels = parse_labels(source, image_id)
+                jpeg, size = load_image(source, image_id)
                 example = {
                     "image": io.BytesIO(jpeg),
                     "labels": labels,
                     "image_id": image_id,
                 }
                 if with_mask:
-                    example["mask"] = io.BytesIO(_load_mask(source, image_id, size))
+                    example["mask"] = io.BytesIO(load_mask(source, image_id, size))
                 yield image_id, example
         finally:
             source.close()
@@ -468,7 +204,7 @@ def prepare_voc(data_dir: str | os.PathLike, manual_dir: str | os.PathLike | Non
     builders = [_builder(data_dir, cfg.name) for cfg in ApjaxVoc2012.BUILDER_CONFIGS]
     todo = [b for b in builders if not b.is_prepared()]
     if todo:
-        source = _source_path(manual)  # fail early, before tfds creates any folder
+        source = source_path(manual)  # fail early, before tfds creates any folder
         folder = source.parent if source.is_file() else source
         config = tfds.download.DownloadConfig(manual_dir=os.fspath(folder))
         for builder in todo:
