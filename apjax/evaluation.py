@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import traverse_util
 from tqdm import tqdm
 
 from apjax.attribution.maps import upsample_map
@@ -109,16 +110,15 @@ def conv_bn_param_count(params: Any) -> int:
     running statistics are not parameters); the Dense head is excluded. VGG16 at conv sparsity 1 - 0.8^15:
     517,578 + 12,672 = 530,250, the paper's 0.53M.
 
-    ``params``: a VGG's params (``conv*`` modules with ``kernel`` and ``bias``, ``conv*_bn`` with ``scale``
-    and ``bias``, ``head``).
+    ``params``: a model's params; every module but the top-level ``head`` counts (a ResNet's convs have no
+    bias: its count is the non-zero conv weights plus the BN scales and biases).
     """
     total = 0
-    for name, module in params.items():
-        if not name.startswith("conv"):
-            continue  # the head
-        for leaf_name, leaf in module.items():
-            x = np.asarray(jax.device_get(leaf))
-            total += int(np.count_nonzero(x)) if leaf_name == "kernel" else int(x.size)
+    for path, leaf in traverse_util.flatten_dict(dict(params)).items():
+        if path[0] == "head":
+            continue
+        x = np.asarray(jax.device_get(leaf))
+        total += int(np.count_nonzero(x)) if path[-1] == "kernel" and x.ndim == 4 else int(x.size)
     return total
 
 

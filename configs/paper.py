@@ -10,6 +10,12 @@ The paper variant refuses a teacher without ImageNet weights (``--config.teacher
 ``--config.teacher.from_scratch=True`` on purpose) and picks every best checkpoint by the reference's
 per-image AP.
 
+The same sweep on the second model family (not the paper's): ``model=resnet18`` or ``model=resnet50``
+(configs/teacher_resnet.py and configs/resnet_kd.py; matching at ``layer4``; unstructured pruning only,
+since structured pruning and the rule-based methods of Table 8 need VGG's plain conv chain):
+
+  python train.py --config configs/paper.py:demo,model=resnet18 --workdir workdirs/demo_resnet
+
 Variants (after the colon): ``demo`` (synthetic benchmark, a VGG16/8 teacher and its x2 student with and
 without SSWA: the story in minutes), ``small`` (the CPU-sized variant of every config: all students and
 methods, both prunings), and the default ``paper`` (PASCAL VOC 2012 at 227x227, VGG16, every recipe as in
@@ -24,12 +30,14 @@ from __future__ import annotations
 import ml_collections
 
 from apjax.compress.matching import matching_methods
-from configs import prune_structured, prune_unstructured, teacher_vgg16, vgg16_kd
+from configs import prune_structured, prune_unstructured, resnet_kd, teacher_resnet, teacher_vgg16, vgg16_kd
 from configs.common import data_config, parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = parse_arg(arg, demo=False, small=False)
+    a = parse_arg(arg, demo=False, small=False, model="vgg16")
+    if a.model not in ("vgg16", *teacher_resnet.MODELS):
+        raise ValueError(f"unknown model {a.model!r}; choose vgg16, {' or '.join(teacher_resnet.MODELS)}.")
     variant = "demo" if a.demo else "small" if a.small else "paper"
     stage_arg = "data=synthetic,small" if variant != "paper" else ""
     c = ml_collections.ConfigDict()
@@ -52,6 +60,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.kd = vgg16_kd.get_config(stage_arg)
     c.prune_unstructured = prune_unstructured.get_config(stage_arg)
     c.prune_structured = prune_structured.get_config(stage_arg)
+    if a.model != "vgg16":
+        resnet_arg = ",".join(filter(None, (stage_arg, f"model={a.model}")))
+        c.teacher = teacher_resnet.get_config(resnet_arg)
+        c.kd = resnet_kd.get_config(resnet_arg)
+        c.prune_unstructured.model = c.teacher.model
+        c.prune_unstructured.dropout_rate = 0.0
+        c.prune_unstructured.distill.taps = c.kd.distill.taps
+        c.prune_kinds = ("unstructured",)  # structured pruning cuts a plain conv chain (VGG) only
+        c.table8_methods = ("gradcam",)  # Excitation BP, LRP and RAP walk a plain conv chain (VGG) only
     for stage in (c.teacher, c.kd, c.prune_unstructured, c.prune_structured):
         del stage["data"]  # the sweep's config.data is used by every stage
         if variant == "paper":
@@ -62,7 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # Fewer images and a VGG16/8 teacher: a teacher far above chance, and students with and without
         # matching, within the 10 minutes of a 2-core CPU.
         c.data.split_sizes.update(train=2000, val=400, segmentation_val=200)
-        c.teacher.model = "vgg16/8"
+        c.teacher.model = "vgg16/8" if a.model == "vgg16" else c.teacher.model
         c.teacher.num_epochs, c.teacher.lr_decay_epochs = 10, (8,)
         c.students = ("x2",)
         c.kd_methods = ("kd", "sswa")

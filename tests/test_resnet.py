@@ -146,3 +146,55 @@ def test_distill_loss_runs_on_a_resnet_teacher_and_student(method):
     assert all(np.isfinite(g).all() for g in leaves) and any(np.abs(g).max() > 0 for g in leaves)
     if method == "sswa":
         assert int((np.asarray(aux["teacher_masks"]["layer3"]) == 0).sum()) == int(16 * 0.3)  # 256/16 = 16
+
+
+def test_resnet_through_the_tasks_prune_and_localization(tmp_path):
+    """The second family through the same tasks and configs: a ResNet-18/16 teacher (one epoch on tiny
+    synthetic data at 64 px), an SSWA student at ``layer4`` (tap gradients, second order, teacher masks), the
+    localisation report (Grad-CAM at ``layer4``); unstructured pruning's masks over every conv kernel of the
+    nested tree (count checked against the torchvision layout's conv weights); structured pruning refused in
+    one sentence."""
+    from apjax.compress.unstructured import global_magnitude_masks
+    from apjax.evaluation import load_run, localization_report
+    from apjax.tasks import train_and_evaluate, validate_config
+    from apjax.trainer.state import mask_params
+    from configs import prune_structured, prune_unstructured, resnet_kd
+    from tests.test_train import tiny_config
+
+    teacher = tmp_path / "teacher"
+    t = tiny_config(
+        tmp_path / "data", num_epochs=1, lr_decay_epochs=(), model="resnet18/16", dropout_rate=0.0
+    )
+    t.data.image_size, t.data.cache_size, t.data.synthetic.image_size = 64, 0, 72  # layer4 is 2x2
+    train_and_evaluate(t, teacher)
+
+    def stage(module, arg, model):
+        c = module.get_config(f"data=synthetic,small,{arg}")
+        c.data, c.model, c.batch_size, c.dropout_rate = t.data, model, 16, 0.0
+        c.num_epochs, c.lr_decay_epochs, c.log_every_steps = 1, (), 2
+        c.distill.teacher_workdir, c.distill.taps = str(teacher), ("layer4",)
+        return c
+
+    train_and_evaluate(stage(resnet_kd, "method=sswa", "resnet18/32"), tmp_path / "kd")
+    out = tmp_path / "report"
+    results = localization_report([teacher, tmp_path / "kd"], methods=("gradcam",), out_dir=out, batch_size=8)
+    assert results["runs"]["teacher"]["pairs"] > 0
+    for name in ("teacher", "kd"):
+        m = results["runs"][name]["methods"]["gradcam"]
+        assert 0.0 <= m["AUC"] <= 1.0 and 0.0 <= m["Point"] <= 1.0
+    kd = results["runs"]["kd"]["methods"]["gradcam"]
+    assert np.isnan(kd["Cos"]) == (kd["similarity_pairs"] == 0)
+
+    # Every conv weight of torchvision's layout (stem, blocks, shortcuts) is prunable; the head is not.
+    sd = torchvision_resnet_state_dict(18, 16, 10, seed=0)
+    n = sum(v.size for k, v in sd.items() if k.endswith("weight") and v.ndim == 4)
+    params = load_run(teacher).variables["params"]
+    pruned = mask_params(params, global_magnitude_masks(params, 0.5))
+    kernels = [np.asarray(x) for _, x in jax.tree_util.tree_leaves_with_path(pruned) if x.ndim == 4]
+    assert sum(k.size for k in kernels) == n
+    assert sum(int((k == 0).sum()) for k in kernels) == round(0.5 * n)
+    np.testing.assert_array_equal(pruned["head"]["kernel"], params["head"]["kernel"])
+    validate_config(stage(prune_unstructured, "method=sswa", "resnet18/16"))
+
+    with pytest.raises(ValueError, match="structured pruning is implemented for plain conv chains"):
+        validate_config(stage(prune_structured, "method=naive", "resnet18/16"))

@@ -34,8 +34,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Raises :class:`ConfigError` when a VOC teacher has neither ``init_from`` nor ``from_scratch``."""
     if config.data.dataset == "voc" and not config.get("init_from") and not config.get("from_scratch", False):
         raise ConfigError(
-            "the paper's VOC teacher starts from torchvision's ImageNet vgg16_bn weights: pass "
-            "--config.init_from=/path/to/vgg16_bn.pth (or .npz; in the sweep "
+            "the paper's VOC teacher starts from torchvision's ImageNet weights: pass "
+            "--config.init_from=/path/to/vgg16_bn.pth (or resnet50.pth ...; .npz too; in the sweep "
             "--config.teacher.init_from), or --config.from_scratch=True to train it from scratch."
         )
 
