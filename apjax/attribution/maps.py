@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -67,6 +68,8 @@ def gradcam_map(
     Returns:
       (B, h, w) map.
     """
+    chex.assert_rank(acts, 4)
+    chex.assert_equal_shape([acts, grads])
     acts = _float(acts)
     weights = channel_weights(grads, reduce).astype(acts.dtype)
     if channel_mask is not None:
@@ -90,6 +93,7 @@ def swa_map(acts: jax.Array, grads: jax.Array, channel_mask: jax.Array | None = 
 
 def ewa_map(acts: jax.Array) -> jax.Array:
     """EWA (SPEC section 5): mean over channels of ``A_c^2``, (B, h, w, C) -> (B, h, w)."""
+    chex.assert_rank(acts, 4)
     acts = _float(acts)
     return jnp.mean(jnp.square(acts), axis=-1)
 

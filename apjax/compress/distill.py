@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -199,6 +200,8 @@ def distill_loss(
     """
     if base_loss not in BASE_LOSSES:
         raise ValueError(f"unknown base loss {base_loss!r}; choose one of {list(BASE_LOSSES)}.")
+    chex.assert_rank(x, 4)
+    chex.assert_shape(labels, (x.shape[0], None))
     taps = tuple(d.taps)
     t_logits, t_maps, t_masks = teacher_maps(teacher, teacher_vars, x, d, mask_key)
     seed = top1_seed(t_logits)  # the teacher's class k, used for the student too

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -122,6 +123,7 @@ def apply_with_taps(
       ``updates`` holds the new ``batch_stats`` in train mode (else empty).
     """
     check_taps(model, taps)
+    chex.assert_rank(x, 4)
     if perturbations is not None:
         variables = with_perturbations(model, variables, x, perturbations)
     mutable = ["intermediates", "batch_stats"] if train else ["intermediates"]
@@ -159,6 +161,7 @@ def tap_gradients(
     """
     taps = tuple(taps)
     check_taps(model, taps)
+    chex.assert_rank(x, 4)
     zeros = {t: jnp.zeros(s.shape, s.dtype) for t, s in tap_shapes(model, variables, x).items()}
 
     def forward(offsets):
@@ -170,6 +173,7 @@ def tap_gradients(
 
     logits, pullback, (acts, updates) = jax.vjp(forward, {t: zeros[t] for t in taps}, has_aux=True)
     weights = seed(logits) if callable(seed) else seed
+    chex.assert_shape(weights, logits.shape)
     (grads,) = pullback(jax.lax.stop_gradient(weights).astype(logits.dtype))
     return logits, acts, grads, updates
 
