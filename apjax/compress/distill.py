@@ -202,33 +202,14 @@ def distill_loss(
         raise ValueError(f"unknown base loss {base_loss!r}; choose one of {list(BASE_LOSSES)}.")
     chex.assert_rank(x, 4)
     chex.assert_shape(labels, (x.shape[0], None))
-    taps = tuple(d.taps)
     t_logits, t_maps, t_masks = teacher_maps(teacher, teacher_vars, x, d, mask_key)
     seed = top1_seed(t_logits)  # the teacher's class k, used for the student too
-    variables = {"params": params, "batch_stats": batch_stats}
-    rngs = {"dropout": dropout_key}
     spec = MATCHING_MAPS.get(d.method)  # None: no matching term
-    if spec is not None and spec.needs_gradients:
-        s_logits, s_acts, s_grads, updates = tap_gradients(
-            student, variables, x, seed, taps, train=True, rngs=rngs
-        )
-    else:
-        s_logits, s_acts, updates = apply_with_taps(
-            student, variables, x, taps if spec is not None else (), train=True, rngs=rngs
-        )
-        s_grads = None
-    if base_loss == "kd":
-        loss, parts = kd_loss(
-            s_logits,
-            t_logits,
-            labels,
-            temperature=d.temperature,
-            alpha=d.alpha,
-            log_eps=d.get("kd_log_eps", 0.0),
-        )
-    else:
-        loss = bce_loss(s_logits, labels)
-        parts = {"bce": loss}
+    variables = {"params": params, "batch_stats": batch_stats}
+    s_logits, s_acts, s_grads, updates = _student_forward(
+        student, variables, x, seed, spec, tuple(d.taps), dropout_key
+    )
+    loss, parts = _base_loss(base_loss, s_logits, t_logits, labels, d)
     match = jnp.zeros((), jnp.float32)
     s_maps = {}
     if spec is not None:
@@ -236,16 +217,35 @@ def distill_loss(
         s_maps = maps_at_taps(spec, s_acts, s_grads)
         match = multi_tap_matching_loss(s_maps, t_maps, d.matching_form)
         loss = loss + d.beta * match
-    aux = {
-        "parts": {**parts, "match": match},
-        "batch_stats": updates["batch_stats"],
-        "teacher_logits": t_logits,
-        "seed": seed,
-        "teacher_masks": t_masks,
-        "teacher_maps": t_maps,
-        "student_maps": s_maps,
-    }
-    return loss, aux
+    aux = dict(parts={**parts, "match": match}, batch_stats=updates["batch_stats"], teacher_logits=t_logits)
+    return loss, dict(aux, seed=seed, teacher_masks=t_masks, teacher_maps=t_maps, student_maps=s_maps)
+
+
+def _student_forward(student, variables, x, seed, spec, taps, dropout_key):
+    """The student in train mode: ``(logits, acts, grads or None, updates)``; the tap gradients (seeded by
+    the teacher's class) only when the matching map needs them, the activations only when it matches."""
+    rngs = {"dropout": dropout_key}
+    if spec is not None and spec.needs_gradients:
+        return tap_gradients(student, variables, x, seed, taps, train=True, rngs=rngs)
+    logits, acts, updates = apply_with_taps(
+        student, variables, x, taps if spec is not None else (), train=True, rngs=rngs
+    )
+    return logits, acts, None, updates
+
+
+def _base_loss(base_loss: str, s_logits, t_logits, labels, d) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """KD (alpha * KD + (1 - alpha) * BCE, with its parts) or BCE alone."""
+    if base_loss == "kd":
+        return kd_loss(
+            s_logits,
+            t_logits,
+            labels,
+            temperature=d.temperature,
+            alpha=d.alpha,
+            log_eps=d.get("kd_log_eps", 0.0),
+        )
+    loss = bce_loss(s_logits, labels)
+    return loss, {"bce": loss}
 
 
 def make_distill_step(
