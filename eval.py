@@ -5,9 +5,14 @@ r"""Evaluates trained runs: classification metrics of a checkpoint, and localisa
   python eval.py --workdir workdirs/teacher_small --workdir workdirs/kd_small --workdir workdirs/sswa_small \
       --methods gradcam,excitation_bp,lrp,rap --out results/kd_small
 
+  python eval.py --workdir workdirs/kd_small --evals localization,similarity
+
 With --methods (or several --workdir, the teacher first), writes the localisation report: a JSON of every
 number, a Markdown table in the layout of the paper's Tables 2 and 8, and one PNG figure per method.
-The runs' own config.json files are used unless --config is given.
+With --evals, runs those evaluators (apjax.evaluators: classification, localization, similarity) on the
+checkpoint, each with the options of the run's config.evals.<name> (or its defaults; override them with
+--config), and writes evals_<checkpoint>.json. The runs' own config.json files are used unless --config
+is given.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from apjax import cli, evaluation
+from apjax import cli, evaluation, evaluators
+from apjax.attribution.methods import attribution_methods, method_label
 from apjax.localization_table import localization_table
 from apjax.trainer.checkpoints import CHECKPOINTS
 from apjax.trainer.evaluation import CLASSIFICATION_PERCENT
@@ -31,7 +37,10 @@ flags.DEFINE_multi_string(
 )
 flags.DEFINE_enum("checkpoint", "best", list(CHECKPOINTS), "Which checkpoint to evaluate.")
 flags.DEFINE_string("split", "val", "Split for classification metrics: train, val or segmentation_val.")
-flags.DEFINE_list("methods", [], "Attribution methods for localisation, e.g. gradcam,excitation_bp,lrp,rap.")
+flags.DEFINE_list(
+    "methods", [], f"Attribution methods for localisation, of {','.join(attribution_methods())}."
+)
+flags.DEFINE_list("evals", [], f"Evaluators to run on the checkpoint, of {','.join(evaluators.EVALUATORS)}.")
 flags.DEFINE_string(
     "out", None, "Folder for the localisation report (default: <first workdir>/localization)."
 )
@@ -64,11 +73,16 @@ def main(argv: list[str]) -> None:
                 smoothgrad_samples=f.smoothgrad_samples,
             )
             if jax.process_index() == 0:
-                from apjax.attribution.methods import LABELS
-
-                print(localization_table(results, LABELS))
+                print(localization_table(results, {m: method_label(m) for m in results["methods"]}))
                 out = f.out or os.path.join(f.workdir[0], "localization")
                 print(f"written to {out}/localization.json, localization.md and figures/")
+            return
+        if f.evals:
+            result = evaluation.run_evaluators(f.workdir[0], f.evals, f.checkpoint, config=f.config)
+            if jax.process_index() == 0:
+                for k, v in result["evals"].items():
+                    print(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
+                print(f"written to {os.path.join(f.workdir[0], f'evals_{f.checkpoint}.json')}")
             return
         result = evaluation.evaluate_workdir(f.workdir[0], f.checkpoint, f.split, config=f.config)
     except Exception as e:  # a user's error (or a full disk) ends in one sentence

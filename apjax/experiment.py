@@ -36,6 +36,7 @@ import jax
 import ml_collections
 
 from apjax import evaluation
+from apjax.attribution.methods import check_methods
 from apjax.errors import ConfigError
 from apjax.models import family_of
 from apjax.report import write_report
@@ -93,6 +94,8 @@ def validate_sweep(config: ml_collections.ConfigDict, stages: list[Stage]) -> No
                 validate_config(s.config)
             except ConfigError as e:
                 raise ConfigError(f"stage {s.name}: {e}") from e
+    check_methods(config.eval_methods, "config.eval_methods")
+    check_methods(config.table8_methods, "config.table8_methods")
     names = [s.name for s in stages]
     for pattern in _patterns(config.only):
         if not fnmatch.filter(names, pattern):

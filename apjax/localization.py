@@ -57,6 +57,7 @@ __all__ = [
     "reference_cumulative_targets",
     "roc_auc",
     "roc_auc_jax",
+    "roc_auc_counts_jax",
     "pointing_game",
     "minmax_normalize",
     "map_similarity",
@@ -232,15 +233,11 @@ def roc_auc(maps, targets) -> np.ndarray:
     return out
 
 
-@jax.jit
-def roc_auc_jax(maps, targets) -> jax.Array:
-    """Per-pixel ROC-AUC in JAX, jittable and batched: maps (..., H, W), targets bool (..., H, W) -> (...,).
+def roc_auc_counts_jax(maps, targets) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The Mann-Whitney counts behind :func:`roc_auc_jax`: ``(2U, n_pos, n_neg)``, each (...,).
 
-    Same value as :func:`roc_auc` (to float32 rounding), NaN where a target lacks positives or negatives.
-    The maps are compared in float32 (float64 inputs are rounded first when x64 is off, which can create
-    ties). One ``lax.sort`` of (value, label) per row; then the Mann-Whitney U from the tie groups with
-    running max / reversed running min, summed in int32 while exact (rows up to 65535 pixels; float32 above,
-    int64 with x64 enabled). Maps must be NaN-free (not checked on device).
+    ``2U`` is an exact int32 for rows up to 65535 pixels (int64 with x64 enabled; float32 above), so
+    ``2U / (2 n_pos n_neg)`` computed on the host in float64 is exactly :func:`roc_auc`'s value.
     """
     maps = jnp.asarray(maps, dtype=jnp.float32)
     batch = maps.shape[:-2]
@@ -263,10 +260,23 @@ def roc_auc_jax(maps, targets) -> jax.Array:
     else:
         acc = jnp.float32
     twice_u = jnp.sum(jnp.where(lab != 0, (before + through).astype(acc), 0), axis=1)
+    return twice_u.reshape(batch), n_pos.reshape(batch), n_neg.reshape(batch)
+
+
+@jax.jit
+def roc_auc_jax(maps, targets) -> jax.Array:
+    """Per-pixel ROC-AUC in JAX, jittable and batched: maps (..., H, W), targets bool (..., H, W) -> (...,).
+
+    Same value as :func:`roc_auc` (to float32 rounding), NaN where a target lacks positives or negatives.
+    The maps are compared in float32 (float64 inputs are rounded first when x64 is off, which can create
+    ties). One ``lax.sort`` of (value, label) per row; then the Mann-Whitney U from the tie groups with
+    running max / reversed running min (:func:`roc_auc_counts_jax`). Maps must be NaN-free (not checked on
+    device).
+    """
+    twice_u, n_pos, n_neg = roc_auc_counts_jax(maps, targets)
     denom = 2.0 * n_pos.astype(jnp.float32) * n_neg.astype(jnp.float32)
     auc = twice_u.astype(jnp.float32) / jnp.where(denom > 0, denom, 1.0)
-    auc = jnp.where((n_pos > 0) & (n_neg > 0), auc, jnp.nan)
-    return auc.reshape(batch)
+    return jnp.where((n_pos > 0) & (n_neg > 0), auc, jnp.nan)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -272,12 +272,12 @@ def tables(config, stages, results: dict, voc: bool) -> list[str]:
 
     # Table 8.
     if ev8:
-        from apjax.attribution.methods import LABELS
+        from apjax.attribution.methods import method_label
 
         names = ev8["run_order"]
         rows = []
         for method in ev8["methods"]:
-            cells = [LABELS[method]]
+            cells = [method_label(method)]
             for j, n in enumerate(names):
                 m = run_metrics(ev8, n, method)
                 p = PAPER_TABLE8.get(method, (None,) * 3)[min(j, 2)] if voc and smallest == "x8" else None

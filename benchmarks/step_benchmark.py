@@ -482,12 +482,27 @@ def first_class_pairs(masks: np.ndarray, num_classes: int) -> np.ndarray:
     return np.asarray(pairs, np.int64).reshape(-1, 2)
 
 
+def _maps_for_pairs(fn, cache, batch_pairs: np.ndarray, size: int, batch_size: int) -> np.ndarray:
+    """Maps (P, size, size) of ``fn`` for (image index, class) pairs of a HostCache, padded to a fixed
+    batch shape, on one device (see benchmarks/localization_benchmark.py for the sharded evaluator)."""
+    from apjax.attribution.maps import upsample_map
+    from apjax.data.augment import eval_preprocess
+
+    n = len(batch_pairs)
+    idx = np.concatenate([batch_pairs[:, 0], np.repeat(batch_pairs[-1:, 0], batch_size - n)])
+    cls = np.concatenate([batch_pairs[:, 1], np.repeat(batch_pairs[-1:, 1], batch_size - n)])
+    images = jnp.asarray(cache.images[np.sort(idx)][np.argsort(np.argsort(idx))])
+    x = eval_preprocess(images, jnp.asarray(cache.extents[idx]), out_size=size)
+    maps = upsample_map(fn(x, jnp.asarray(cls, jnp.int32)), size)
+    return np.asarray(maps[:n], np.float32)
+
+
 def measure_localization(s: Setting, method: str, args, mesh: Mesh, seg, masks: np.ndarray) -> list[dict]:
-    """Rows of one localisation case: eval.py's per-batch work (maps, then AUC and pointing on the host)."""
+    """Rows of one localisation case: the per-batch work of a single-device map function (maps, then AUC
+    and pointing on the host)."""
     from apjax import localization as loc
     from apjax.attribution.methods import attribution_fn
     from apjax.data.augment import eval_preprocess
-    from apjax.evaluation import _maps_for_pairs
 
     model, variables = _teacher(s, mesh)
     fn = attribution_fn(method, model, variables)

@@ -116,7 +116,8 @@ def set_recipe(
 ) -> None:
     """Sets a training recipe (SPEC section 6) on ``c``: SGD with weight decay 1e-4 (torch-style), a
     piecewise-constant learning rate multiplied by ``lr_decay_factor`` at each of ``lr_decay_epochs``
-    (none: constant), a global ``batch_size`` over all devices, the logging and checkpoint cadence, and
+    (none: constant), a global ``batch_size`` over all devices, the logging and checkpoint cadence, the
+    extra evaluators ``evals`` (none), and
     ``best_metric``, the val metric that picks the best checkpoint: ``mAP`` (VOC mAP, sklearn's AP),
     ``mAP_devkit`` (VOC mAP, the devkit's AP) or ``per_image_AP`` (the reference's criterion, the paper's
     "mAP"; ``configs/paper.py`` uses it on VOC)."""
@@ -131,6 +132,9 @@ def set_recipe(
     c.log_every_steps = 50
     c.eval_every_epochs = 1
     c.checkpoint_every_epochs = 1
+    # Extra evaluators at each evaluation (apjax.evaluators), beside the task's own classification on val:
+    # name -> options, e.g. evals.localization = dict(methods=("gradcam",)); none by default.
+    c.evals = ml_collections.ConfigDict()
     c.distributed = False  # call jax.distributed.initialize() (multi-process runs)
 
 

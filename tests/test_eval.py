@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apjax.attribution.methods import LABELS
+from apjax.attribution.methods import ATTRIBUTION_METHODS
 from apjax.data.pipeline import TrainBatches, data_mesh
 from apjax.evaluation import (
     checkpoint_selection,
@@ -28,6 +28,8 @@ from apjax.trainer.files import check_resume_config, prepare_workdir
 from apjax.trainer.loop import Task, run_training
 from apjax.trainer.state import TrainState
 from tests.test_train import tiny_config
+
+LABELS = {name: m.label for name, m in ATTRIBUTION_METHODS.items()}
 
 
 def table_cell(md: str, first_cells: list[str], column: str) -> str:

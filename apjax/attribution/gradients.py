@@ -124,15 +124,17 @@ def smoothgrad_map(
     noise: float = 0.15,
     chunk: int = 1,
     unroll: int | bool = 1,
+    example_ids: jax.Array | None = None,
 ) -> jax.Array:
     """SmoothGrad (Smilkov et al., 2017) of the absolute gradient, (B, H, W).
 
     ``max over RGB of (1/samples) sum_s |grad(x + e_s)|``, ``e_s ~ N(0, sigma_b^2)`` i.i.d. per pixel and
     channel, with ``sigma_b = noise * (max(x_b) - min(x_b))`` per image (over all its pixels and channels;
     ``noise = 0.15`` lies in the paper's suggested 10-20 % of the input range). The absolute value is taken
-    per sample, before averaging. Sample ``s`` draws its noise from ``jax.random.split(key, samples)[s]``
-    whatever ``chunk`` is; the samples run ``chunk`` at a time as one batch, the chunks one after another
-    (``lax.scan``).
+    per sample, before averaging. Image ``b``'s sample ``s`` draws its noise from
+    ``split(fold_in(key, example_ids[b]), samples)[s]``: it depends on the example's id alone (not on its
+    batch, position, batch size, sharding or ``chunk``). The samples run ``chunk`` at a time as one batch,
+    the chunks one after another (``lax.scan``).
 
     Args:
       model, variables: the Flax VGG and its variables (eval mode).
@@ -143,20 +145,26 @@ def smoothgrad_map(
       noise: noise level as a fraction of each image's value range.
       chunk: noisy copies per gradient call (static; must divide ``samples``).
       unroll: ``lax.scan``'s unroll of the chunk loop (see :func:`integrated_gradients`).
+      example_ids: int (B,) id of each example, folded into ``key`` (default: the position in the batch;
+        the evaluation passes ``image index * K + class``).
     """
     if samples < 1 or chunk < 1 or samples % chunk:
         raise ValueError(
             f"need samples >= 1 and chunk >= 1 dividing samples, got samples={samples}, chunk={chunk}."
         )
     x = jnp.asarray(x)
-    flat = x.reshape(x.shape[0], -1)
+    batch = x.shape[0]
+    flat = x.reshape(batch, -1)
     sigma = (noise * (jnp.max(flat, axis=-1) - jnp.min(flat, axis=-1))).reshape(-1, 1, 1, 1)
-    classes = jnp.broadcast_to(jnp.asarray(class_index, jnp.int32), (x.shape[0],))
-    keys = jax.random.split(key, samples)
+    classes = jnp.broadcast_to(jnp.asarray(class_index, jnp.int32), (batch,))
+    ids = jnp.arange(batch, dtype=jnp.int32) if example_ids is None else jnp.asarray(example_ids, jnp.int32)
+    per_example = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(key, i), samples))(ids)  # (B, S)
+    keys = jnp.swapaxes(per_example, 0, 1)  # (samples, B)
     keys = keys.reshape(samples // chunk, chunk, *keys.shape[1:])
 
-    def abs_grad_sum(ks):  # ks: (chunk,) keys -> sum over those samples of |grad|, (B, H, W, 3)
-        e = jax.vmap(lambda k: jax.random.normal(k, x.shape, x.dtype))(ks) * sigma[None]
+    def abs_grad_sum(ks):  # ks: (chunk, B) keys -> sum over those samples of |grad|, (B, H, W, 3)
+        draw = jax.vmap(jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], x.dtype)))
+        e = draw(ks) * sigma[None]
         points = (x[None] + e).reshape(-1, *x.shape[1:])
         grads = input_gradient(model, variables, points, jnp.tile(classes, chunk))
         return jnp.sum(jnp.abs(grads.reshape(chunk, *x.shape)), axis=0)

@@ -19,10 +19,11 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
+from apjax import evaluators
 from apjax.data.pipeline import TrainBatches, check_batch_size, data_mesh
 from apjax.errors import ConfigError
 from apjax.tasks import distill, prune_structured, prune_unstructured, teacher
-from apjax.trainer.config import check_model_input, load_data, validate_common
+from apjax.trainer.config import build_model, check_model_input, load_data, validate_common
 from apjax.trainer.files import prepare_workdir
 from apjax.trainer.loop import Task, run_training
 from apjax.trainer.optim import create_learning_rate_fn
@@ -46,18 +47,26 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 f"task {config.task!r} needs a config.{block} block; start from {task.CONFIG_FILE}."
             )
     validate_common(config)
+    evaluators.validate(config.get("evals"))
     task.validate(config)
     check_model_input(config)
 
 
 def build_task(
-    config: ml_collections.ConfigDict, num_classes: int, mesh: Mesh, lr_fn: optax.Schedule, workdir: Path
+    config: ml_collections.ConfigDict,
+    num_classes: int,
+    mesh: Mesh,
+    lr_fn: optax.Schedule,
+    workdir: Path,
+    data: dict | None = None,
 ) -> Task:
-    """The :class:`Task` of ``config.task`` (a task that runs its own rounds has none)."""
+    """The :class:`Task` of ``config.task`` (a task that runs its own rounds has none), its evaluation
+    joined by the evaluators of ``config.evals`` (run on ``data``'s splits, others loaded when needed)."""
     task = TASKS[config.task]
     if not hasattr(task, "build"):
         raise ConfigError(f"task {config.task!r} has no single training run; use train_and_evaluate.")
-    return task.build(config, num_classes, mesh, lr_fn, workdir)
+    built = task.build(config, num_classes, mesh, lr_fn, workdir)
+    return evaluators.with_evals(built, config, build_model(config, num_classes), mesh, data or {})
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
@@ -77,5 +86,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         return task.run(config, workdir, data, mesh)
     batches = TrainBatches(data["train"], config.batch_size, seed=config.seed, mesh=mesh)
     lr_fn = create_learning_rate_fn(config, batches.steps_per_epoch)
-    built = build_task(config, data["train"].num_classes, mesh, lr_fn, workdir)
+    built = build_task(config, data["train"].num_classes, mesh, lr_fn, workdir, data)
     return run_training(config, workdir, built, data, batches, mesh)

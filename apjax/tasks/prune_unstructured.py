@@ -14,6 +14,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from apjax import evaluators
 from apjax.compress.distill import load_teacher
 from apjax.compress.prune import (
     PARAMETER_COUNTS,
@@ -90,6 +91,7 @@ def run(
             return fresh_state(pruned, stats, tx, jax.random.fold_in(base_key, r), masks)
 
         task = pruning_task(config, student, teacher, teacher_vars, tx, lr_fn, mesh, init_state, steps)
+        task = evaluators.with_evals(task, config, student, mesh, data)
         final_path = rdir / "final_metrics.json"
         if not final_path.exists():
             prepare_workdir(rdir, config)

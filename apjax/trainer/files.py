@@ -26,6 +26,8 @@ RESUMABLE_CHANGES = (
     "data.data_dir",
     "distributed",
 )
+# Whole blocks that change what is measured, not the run: config.evals (extra evaluators).
+RESUMABLE_BLOCKS = ("evals.",)
 
 # Config fields added after runs were saved, with the value those runs had: a config (saved or new)
 # without one is compared as if it held that value, so older workdirs still resume.
@@ -78,7 +80,9 @@ def check_resume_config(workdir: Path, config: ml_collections.ConfigDict) -> Non
     old = {**ADDED_FIELDS, **_flat(json.loads(path.read_text()))}
     new = {**ADDED_FIELDS, **_flat(json.loads(config.to_json_best_effort()))}
     changed = sorted(
-        k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES
+        k
+        for k in set(old) | set(new)
+        if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES and not k.startswith(RESUMABLE_BLOCKS)
     )
     if changed:
         raise ConfigError(
