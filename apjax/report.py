@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from apjax.attribution.methods import method_label
 from apjax.compress.matching import MATCHING_MAPS
 from apjax.stages import smallest_student, stage_results
 from apjax.trainer.files import write_text_atomic
@@ -167,15 +168,9 @@ def _chosen_by(selection: dict | None) -> tuple[str, str]:
     return f"best val {metric}", fmt(metric, selection.get("best_value"))
 
 
-def tables(config, stages, results: dict, voc: bool) -> list[str]:
-    """The Markdown of Tables 1, 2, 4-7 and 8 for the finished stages, and the checkpoints they used."""
-    ev, ev8 = results["eval"], results["eval_methods"]
+def _table1(ev: dict, smallest: str | None, voc: bool) -> list[str]:
+    """Table 1: the teacher and each compression without matching, and KD with SSWA (AUC, Point)."""
     lines: list[str] = []
-    teacher = run_metrics(ev, "teacher")
-    teacher_paper = tuple(PAPER_TEACHER.get(f) for f in PAPER_FIELDS) if voc else None
-
-    # Table 1.
-    smallest = smallest_student(config.students)
     t1 = [("teacher", "Full (teacher)", "teacher")]
     if smallest:
         t1.append((f"kd_{smallest}_kd", f"KD {smallest}", "kd_x8"))
@@ -221,9 +216,16 @@ def tables(config, stages, results: dict, voc: bool) -> list[str]:
         lines.append("(no finished runs yet)")
     lines.append("")
 
-    # Table 2.
+    return lines
+
+
+def _table2(ev: dict, stages, voc: bool) -> list[str]:
+    """Table 2: the teacher and every distilled student."""
+    lines: list[str] = []
     rows = []
     headers = [h for h, _, _ in COLUMNS]
+    teacher = run_metrics(ev, "teacher")
+    teacher_paper = tuple(PAPER_TEACHER.get(f) for f in PAPER_FIELDS) if voc else None
     if teacher:
         paper_params = PAPER_PARAMS["teacher"] if voc else None
         cells = _metric_cells(teacher, teacher_paper)
@@ -244,7 +246,13 @@ def tables(config, stages, results: dict, voc: bool) -> list[str]:
     lines += _table(["student", "method", PARAMS_ALL, *headers], rows)
     lines.append("")
 
-    # Tables 4-7.
+    return lines
+
+
+def _pruning_tables(ev: dict, stages, voc: bool) -> list[str]:
+    """Tables 4-5 and 6-7: unstructured and structured pruning, one row per method."""
+    lines: list[str] = []
+    headers = [h for h, _, _ in COLUMNS]
     pruning = (("prune_u", "Tables 4-5: unstructured pruning"), ("prune_s", "Tables 6-7: structured pruning"))
     for prefix, title in pruning:
         rows = []
@@ -270,26 +278,31 @@ def tables(config, stages, results: dict, voc: bool) -> list[str]:
             lines += _table(["method", *count_headers, *headers], rows)
             lines.append("")
 
-    # Table 8.
-    if ev8:
-        from apjax.attribution.methods import method_label
+    return lines
 
-        names = ev8["run_order"]
-        rows = []
-        for method in ev8["methods"]:
-            cells = [method_label(method)]
-            for j, n in enumerate(names):
-                m = run_metrics(ev8, n, method)
-                p = PAPER_TABLE8.get(method, (None,) * 3)[min(j, 2)] if voc and smallest == "x8" else None
-                for k, i in (("AUC", 0), ("Point", 1)):
-                    cells.append(fmt(k, m.get(k)) + (f" ({p[i]:.2f})" if p else ""))
-            rows.append(cells)
-        header = ["method"] + [f"{n} {k}" for n in names for k in ("AUC", "Point")]
-        lines += [f"## Table 8: other attribution methods (teacher, KD {smallest}, KD {smallest} + SSWA)", ""]
-        lines += _table(header, rows)
-        lines.append("")
 
-    # The checkpoints behind the numbers.
+def _table8(ev8: dict, smallest: str | None, voc: bool) -> list[str]:
+    """Table 8: other attribution methods on the teacher and the smallest student without and with SSWA."""
+    if not ev8:
+        return []
+    names = ev8["run_order"]
+    rows = []
+    for method in ev8["methods"]:
+        cells = [method_label(method)]
+        for j, n in enumerate(names):
+            m = run_metrics(ev8, n, method)
+            p = PAPER_TABLE8.get(method, (None,) * 3)[min(j, 2)] if voc and smallest == "x8" else None
+            for k, i in (("AUC", 0), ("Point", 1)):
+                cells.append(fmt(k, m.get(k)) + (f" ({p[i]:.2f})" if p else ""))
+        rows.append(cells)
+    header = ["method"] + [f"{n} {k}" for n in names for k in ("AUC", "Point")]
+    lines = [f"## Table 8: other attribution methods (teacher, KD {smallest}, KD {smallest} + SSWA)", ""]
+    return [*lines, *_table(header, rows), ""]
+
+
+def _checkpoints_table(ev: dict) -> list[str]:
+    """The checkpoints behind the numbers and the val metric that chose each."""
+    lines: list[str] = []
     if ev:
         rows = []
         for name in ev.get("run_order", ev["runs"]):
@@ -299,6 +312,19 @@ def tables(config, stages, results: dict, voc: bool) -> list[str]:
         lines += _table(["run", "step", "chosen by", "its val value"], rows)
         lines.append("")
     return lines
+
+
+def tables(config, stages, results: dict, voc: bool) -> list[str]:
+    """The Markdown of Tables 1, 2, 4-7 and 8 for the finished stages, and the checkpoints they used."""
+    ev, ev8 = results["eval"], results["eval_methods"]
+    smallest = smallest_student(config.students)
+    return [
+        *_table1(ev, smallest, voc),
+        *_table2(ev, stages, voc),
+        *_pruning_tables(ev, stages, voc),
+        *_table8(ev8, smallest, voc),
+        *_checkpoints_table(ev),
+    ]
 
 
 def plot_against_params(root: Path, stages, results: dict) -> list[str]:

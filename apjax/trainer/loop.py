@@ -68,6 +68,99 @@ class Task:
         )
 
 
+def _non_finite(what: str, done: int, checkpoints: Checkpoints, latest_dir: Path) -> FloatingPointError:
+    return FloatingPointError(
+        f"{what} by step {done}; the last good checkpoint is step {checkpoints.latest.latest_step()} in "
+        f"{latest_dir} (lower the learning rate or check the data)."
+    )
+
+
+@dataclasses.dataclass
+class _Run:
+    """The mutable state of one training loop: its checkpoints, metric log, progress bar and best value."""
+
+    config: ml_collections.ConfigDict
+    workdir: Path
+    task: Task
+    val: HostCache
+    checkpoints: Checkpoints
+    log: MetricsLog
+    bar: Any
+    spe: int
+    total_steps: int
+    metric: str
+    best_value: float
+    is_main: bool
+
+    def log_train(self, done: int, acc: Any, acc_n: int, rate: float) -> None:
+        """Logs the mean of the accumulated train metrics (the loop's only sync); refuses non-finite ones."""
+        host = {k: float(v) / acc_n for k, v in jax.device_get(acc).items()}
+        if not all(math.isfinite(v) for v in host.values()):
+            bad = ", ".join(f"{k}={v}" for k, v in host.items() if not math.isfinite(v))
+            raise _non_finite(f"training became non-finite ({bad})", done, self.checkpoints, self.latest_dir)
+        self.log.write(step=done, epoch=done / self.spe, steps_per_s=rate, **host)
+        self.bar.set_postfix(loss=f"{host['loss']:.4f}", lr=f"{host['lr']:.3g}")
+        self.bar.update(done - self.bar.n)
+
+    @property
+    def latest_dir(self) -> Path:
+        return self.workdir / "checkpoints" / "latest"
+
+    def end_of_epoch(self, state: Any, done: int) -> None:
+        """Checks the weights, evaluates (keeping the best checkpoint) and saves the latest checkpoint."""
+        epoch = done // self.spe
+        # The loss is computed before each update: check the weights themselves before they are evaluated or
+        # saved, so that no checkpoint ever holds non-finite parameters.
+        if not bool(all_finite(state.params)):
+            raise _non_finite("the parameters became non-finite", done, self.checkpoints, self.latest_dir)
+        last = done == self.total_steps
+        if epoch % self.config.eval_every_epochs == 0 or last:
+            self.evaluate(state, done, epoch)
+        if epoch % self.config.checkpoint_every_epochs == 0 or last:
+            # The data position is the step: batches are addressed by step (TrainBatches).
+            meta = {"step": done, "epoch": epoch, "data_position": done}
+            meta.update(best_metric=self.metric, best_value=self.best_value)
+            self.checkpoints.save_latest(state, meta)
+
+    def evaluate(self, state: Any, done: int, epoch: int) -> None:
+        val = self.task.evaluate(state, self.val)
+        self.log.write(step=done, epoch=epoch, **{f"val/{k}": v for k, v in val.items()})
+        metric = self.metric
+        if val[metric] > self.best_value:
+            self.best_value = val[metric]
+            best_meta = {"best_metric": metric, "best_value": self.best_value, "mAP": val["mAP"]}
+            self.checkpoints.save_best(state, {"step": done, "epoch": epoch, **best_meta, "val": val})
+        if self.is_main:
+            line = f"epoch {epoch}: val mAP {100 * val['mAP']:.2f}"
+            if metric != "mAP":
+                line += f", {metric} {100 * val[metric]:.2f}"
+            self.bar.write(f"{line} (best {metric} {100 * self.best_value:.2f})")
+
+    def final_rows(self, state: Any) -> tuple[dict, dict, int]:
+        """(val metrics of the last state, the table rows of the last and best checkpoints, last step)."""
+        final = self.task.evaluate(state, self.val)
+        last_step = int(jax.device_get(state.step))
+        rows = {f"val, last (step {last_step})": final}
+        best = Checkpoints.restore(self.checkpoints.best, state)
+        self.checkpoints.close()
+        if best is not None:
+            rows[f"val, best (step {best[1]['step']})"] = self.task.evaluate(best[0], self.val)
+        return final, rows, last_step
+
+
+def _start(config, workdir: Path, task: Task, checkpoints: Checkpoints, replicated) -> tuple[Any, float]:
+    """The initial state and best value: restored from the latest checkpoint, or the task's fresh state."""
+    metric = best_metric_of(config)
+    # A resumed run never rebuilds its initial state (nor reads init_from's weight file again).
+    restored = Checkpoints.restore(checkpoints.latest, task.abstract_state(replicated))
+    if restored is None:
+        return jax.device_put(task.init_state(), replicated), -1.0
+    state, meta = restored
+    if jax.process_index() == 0:
+        print(f"Resuming {workdir} from step {int(meta['step'])} (epoch {meta['epoch']}).")
+    return jax.device_put(state, replicated), resumed_best(meta, metric)
+
+
 def run_training(
     config: ml_collections.ConfigDict,
     workdir: Path,
@@ -84,29 +177,18 @@ def run_training(
     is_main = jax.process_index() == 0
     spe = batches.steps_per_epoch
     total_steps = epochs_to_steps(config, spe)["total"]
-    replicated = NamedSharding(mesh, PartitionSpec())
     checkpoints = Checkpoints(workdir)
-    latest_dir = workdir / "checkpoints" / "latest"
     try:
-        metric = best_metric_of(config)  # picks the best checkpoint
-        best_value = -1.0
-        # A resumed run never rebuilds its initial state (nor reads init_from's weight file again).
-        restored = Checkpoints.restore(checkpoints.latest, task.abstract_state(replicated))
-        if restored is None:
-            state = jax.device_put(task.init_state(), replicated)
-        else:
-            state, meta = restored
-            state = jax.device_put(state, replicated)
-            best_value = resumed_best(meta, metric)
-            if is_main:
-                print(f"Resuming {workdir} from step {int(meta['step'])} (epoch {meta['epoch']}).")
-
+        state, best_value = _start(config, workdir, task, checkpoints, NamedSharding(mesh, PartitionSpec()))
         log = MetricsLog(workdir)
         start = int(jax.device_get(state.step))
         log.truncate_after(start)  # rows a killed run logged after its last checkpoint are logged again
         with jax.set_mesh(mesh):
-            label = desc or config.task
-            bar = tqdm(total=total_steps, initial=start, disable=not is_main, desc=label, unit="step")
+            bar = tqdm(
+                total=total_steps, initial=start, disable=not is_main, desc=desc or config.task, unit="step"
+            )
+            run = _Run(config, workdir, task, data["val"], checkpoints, log, bar, spe, total_steps,
+                       best_metric_of(config), best_value, is_main)  # fmt: skip
             acc, acc_n, t0, last = None, 0, time.perf_counter(), start
             for step, batch in batches.iterate(start, total_steps):
                 state, m = task.train_step(state, batch)
@@ -114,59 +196,12 @@ def run_training(
                 acc_n += 1
                 done = step + 1
                 if done % config.log_every_steps == 0 or done % spe == 0:
-                    host = {
-                        k: float(v) / acc_n for k, v in jax.device_get(acc).items()
-                    }  # the loop's only sync
-                    if not all(math.isfinite(v) for v in host.values()):
-                        bad = ", ".join(f"{k}={v}" for k, v in host.items() if not math.isfinite(v))
-                        raise FloatingPointError(
-                            f"training became non-finite ({bad}) by step {done}; the last good checkpoint is "
-                            f"step {checkpoints.latest.latest_step()} in {latest_dir} "
-                            "(lower the learning rate or check the data)."
-                        )
-                    rate = (done - last) / (time.perf_counter() - t0)
-                    log.write(step=done, epoch=done / spe, steps_per_s=rate, **host)
-                    bar.set_postfix(loss=f"{host['loss']:.4f}", lr=f"{host['lr']:.3g}")
-                    bar.update(done - bar.n)
+                    run.log_train(done, acc, acc_n, (done - last) / (time.perf_counter() - t0))
                     acc, acc_n, t0, last = None, 0, time.perf_counter(), done
                 if done % spe == 0:
-                    epoch = done // spe
-                    # The loss is computed before each update: check the weights themselves before they are
-                    # evaluated or saved, so that no checkpoint ever holds non-finite parameters.
-                    if not bool(all_finite(state.params)):
-                        raise FloatingPointError(
-                            f"the parameters became non-finite by step {done}; the last good checkpoint is "
-                            f"step {checkpoints.latest.latest_step()} in {latest_dir} "
-                            "(lower the learning rate or check the data)."
-                        )
-                    if epoch % config.eval_every_epochs == 0 or done == total_steps:
-                        val = task.evaluate(state, data["val"])
-                        log.write(step=done, epoch=epoch, **{f"val/{k}": v for k, v in val.items()})
-                        if val[metric] > best_value:
-                            best_value = val[metric]
-                            best_meta = {"best_metric": metric, "best_value": best_value, "mAP": val["mAP"]}
-                            checkpoints.save_best(
-                                state, {"step": done, "epoch": epoch, **best_meta, "val": val}
-                            )
-                        if is_main:
-                            line = f"epoch {epoch}: val mAP {100 * val['mAP']:.2f}"
-                            if metric != "mAP":
-                                line += f", {metric} {100 * val[metric]:.2f}"
-                            bar.write(f"{line} (best {metric} {100 * best_value:.2f})")
-                    if epoch % config.checkpoint_every_epochs == 0 or done == total_steps:
-                        # The data position is the step: batches are addressed by step (TrainBatches).
-                        meta = {"step": done, "epoch": epoch, "data_position": done}
-                        meta.update(best_metric=metric, best_value=best_value)
-                        checkpoints.save_latest(state, meta)
+                    run.end_of_epoch(state, done)
             bar.close()
-
-            final = task.evaluate(state, data["val"])
-            last_step = int(jax.device_get(state.step))
-            rows = {f"val, last (step {last_step})": final}
-            best = Checkpoints.restore(checkpoints.best, state)
-            checkpoints.close()
-            if best is not None:
-                rows[f"val, best (step {best[1]['step']})"] = task.evaluate(best[0], data["val"])
+            final, rows, last_step = run.final_rows(state)
     except BaseException:
         # Join the checkpoint managers' background threads before the error leaves: a process that exits
         # with them still running can abort at interpreter shutdown instead of printing its one sentence.
