@@ -4,6 +4,7 @@ Its tap gradient and Grad-CAM map are checked against the closed form of its hea
 Dense layer: d logit / d A = W seed / (h w) at every position), not against apjax's own formulas.
 """
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -68,7 +69,8 @@ def test_a_flax_model_joins_by_sowing_its_taps(tiny_family):
 
     seed = jax.nn.one_hot(jnp.array([0, 3, 4]), 5)
     logits, acts, grads, _ = tap_gradients(model, variables, x, seed, ["feat", "stem/out"])
-    np.testing.assert_allclose(np.asarray(logits), np.asarray(model.apply(variables, x)), rtol=1e-6)
+    chex.assert_trees_all_close(logits, model.apply(variables, x), rtol=1e-6)
+    chex.assert_shape([acts["feat"], grads["feat"]], (3, 12, 12, 6))
     # Closed form at the last tap: d sum_b <seed_b, logits_b> / d A[b, i, j, c] = (W seed_b)_c / (h w).
     w = np.asarray(variables["params"]["head"]["kernel"])  # (C, K)
     expected = np.broadcast_to((np.asarray(seed) @ w.T)[:, None, None, :] / 144.0, (3, 12, 12, 6))
