@@ -25,6 +25,10 @@ augmentation; nothing is trained (the weights come from ``init_variables``). The
 - ``kd[s]``, ``kd_swa[s]``, ``kd_sswa[s]``: ``distill.make_distill_step`` from the VGG16 teacher to
   student ``s`` (x2, x4, x8) with plain logit KD, KD + SWA and KD + SSWA matching (the paper's config:
   post-pool tap, beta 100, the reference's fixed-count channel drop 0.3);
+- ``kd_sswa_cached[s]``: the same KD + SSWA step without the teacher (``make_cached_distill_step``): the
+  teacher's logits, tap activations and channel weights come with the batch, as from the teacher cache
+  (``distill.teacher_cache``; random bfloat16 values here); ``teacher_cache_build``: one batch of the pass
+  that builds that cache (the draw's crops, the teacher's outputs, cast to bfloat16);
 - ``prune_ft_sswa``: the unstructured-pruning fine-tune step (``make_distill_step`` with a BCE base loss,
   masks in the train state, SSWA matching against the unpruned teacher) at the paper's last sparsity;
 - ``loc[m]``: localisation evaluation of the teacher with attribution method ``m``, as ``eval.py`` does
@@ -70,10 +74,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from apjax.compress import distill
+from apjax.compress import distill, teacher_cache
+from apjax.compress.matching import MATCHING_MAPS
 from apjax.data.pipeline import TrainBatches, batch_sharding, data_mesh
 from apjax.models import create_model, init_variables
 from apjax.tasks.teacher import make_train_step
@@ -240,6 +246,46 @@ def build_distill(method: str) -> Callable[[Setting, Mesh, str | None], Workload
     return build
 
 
+def build_distill_cached(method: str) -> Callable[[Setting, Mesh, str | None], Workload]:
+    """The builder of ``make_cached_distill_step`` cases: the same student, loss and update as
+    :func:`build_distill`'s, the teacher's outputs read from the batch (random bfloat16 values of the
+    cache's shapes, placed on the devices beforehand like the images) instead of computed."""
+
+    def build(s: Setting, mesh: Mesh, student: str | None) -> Workload:
+        c = _sized(vgg16_kd.get_config(f"student={student},method={method}"), s)
+        c.distill.teacher_cache = 4
+        lr_fn, tx = _optimizer(c)
+        student_model = build_model(c, s.num_classes)
+        teacher, teacher_vars = _teacher(s, mesh)
+        spec, taps = MATCHING_MAPS.get(method), tuple(c.distill.taps)
+        shapes = teacher_cache.output_shapes(c, teacher, teacher_vars, spec, taps)
+        rng = np.random.default_rng(1)
+        host = {k: rng.normal(size=(s.batch_size, *v)).astype(ml_dtypes.bfloat16) for k, v in shapes.items()}
+        cached = jax.device_put(host, batch_sharding(mesh))
+        step = distill.make_cached_distill_step(
+            student_model, tx, lr_fn, c, mesh, steps_per_epoch=100, draws=4
+        )
+        state = jax.device_put(create_train_state(c, student_model, tx), _replicated(mesh))
+        config = {**_summary(c), "teacher": s.teacher, "param_dtypes": _param_dtypes(state)}
+        config["cached_bytes_per_image"] = int(sum(np.prod(v) * 2 for v in shapes.values()))
+        args = lambda st, b: (st, None, {**b, "teacher": cached})  # noqa: E731
+        return Workload(step, state, lambda st, b: step(*args(st, b)), args, config)
+
+    return build
+
+
+def build_cache_pass(s: Setting, mesh: Mesh, variant: str | None) -> Workload:
+    """One batch of the teacher-cache build for KD + SSWA: the draw's crops and the teacher's logits, tap
+    activations and pooled tap gradients, cast to bfloat16 (``teacher_cache``'s jitted pass)."""
+    c = _sized(vgg16_kd.get_config("method=sswa"), s)
+    teacher, teacher_vars = _teacher(s, mesh)
+    spec, taps = MATCHING_MAPS["sswa"], tuple(c.distill.taps)
+    fn = teacher_cache.jitted_outputs(c, teacher, spec, taps, mesh, jnp.bfloat16)
+    args = lambda v, b: (v, b["images"], b["sizes"], b["extents"], b["index"], jnp.int32(0))  # noqa: E731
+    config = {"model": s.teacher, "precision": s.precision, "step": "teacher_cache pass", "taps": list(taps)}
+    return Workload(fn, teacher_vars, lambda v, b: (v, fn(*args(v, b))), args, config)
+
+
 def build_prune_finetune(method: str) -> Callable[[Setting, Mesh, str | None], Workload]:
     """The builder of the unstructured-pruning fine-tune step (BCE + beta * matching, masks in the state).
 
@@ -302,6 +348,15 @@ CASES: dict[str, Case] = {
     "kd": Case("train", build_distill("kd"), "students", "distillation step, logit KD"),
     "kd_swa": Case("train", build_distill("swa"), "students", "distillation step, KD + SWA matching"),
     "kd_sswa": Case("train", build_distill("sswa"), "students", "distillation step, KD + SSWA matching"),
+    "kd_sswa_cached": Case(
+        "train",
+        build_distill_cached("sswa"),
+        "students",
+        "KD + SSWA step from the teacher cache (no teacher)",
+    ),
+    "teacher_cache_build": Case(
+        "forward", build_cache_pass, "", "teacher-cache build pass, KD + SSWA outputs"
+    ),
     "prune_ft_sswa": Case(
         "train", build_prune_finetune("sswa"), "", "unstructured-pruning fine-tune step, BCE + SSWA matching"
     ),
@@ -393,6 +448,7 @@ def random_batches(s: Setting, mesh: Mesh, count: int, seed: int = 0) -> list[di
             "sizes": rng.integers(side * 3 // 4, 2 * side + 1, (b, 2)).astype(np.int32),
             "extents": np.full((b, 2), side, np.int32),  # a squashed cache's layout: each slot filled
             "labels": (rng.random((b, k)) < 0.15).astype(np.uint8),
+            "index": rng.permutation(10 * b)[:b].astype(np.int32),
         }
         out.append(jax.device_put(host, batch_sharding(mesh)))
     return out

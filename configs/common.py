@@ -101,6 +101,13 @@ def teacher_matching_config(method: str, small: bool) -> ml_collections.ConfigDi
     c.alpha = 0.9  # KD only
     # KD only: the reference's log(p + 1e-7) of the student's probabilities; 0.0 = exact log-sigmoid.
     c.kd_log_eps = 1e-7
+    # Training without the live teacher (apjax.compress.teacher_cache): E > 0 computes the teacher's outputs
+    # on E augmentation draws of every training image once (epoch n reads draw n mod E); 0 runs the teacher
+    # in every step, as the reference does. Stored as teacher_cache_dtype, in teacher_cache_dir ('' = under
+    # the teacher's workdir, shared by runs with the same settings).
+    c.teacher_cache = 0
+    c.teacher_cache_dtype = "bfloat16"
+    c.teacher_cache_dir = ""
     return c
 
 

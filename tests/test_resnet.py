@@ -106,10 +106,12 @@ def test_tap_gradient_at_a_stage_matches_central_differences_float64():
         g = np.asarray(grads[tap])
         assert np.count_nonzero(g) > g.size // 4
 
+        logits_at = jax.jit(
+            lambda offset: apply_with_taps(model, variables, x, (), perturbations={tap: offset})[0]
+        )
+
         def score(offset):
-            return float(
-                jnp.sum(apply_with_taps(model, variables, x, (), perturbations={tap: offset})[0] * seed)
-            )
+            return float(jnp.sum(logits_at(offset) * seed))
 
         eps, zero = 1e-6, np.zeros(acts[tap].shape)
         for idx in [tuple(i) for i in np.argwhere(np.abs(g) > 1e-3)[:: max(1, np.count_nonzero(g) // 6)]][:6]:
@@ -150,7 +152,7 @@ def test_distill_loss_runs_on_a_resnet_teacher_and_student(method):
 
 def test_resnet_through_the_tasks_prune_and_localization(tmp_path):
     """The second family through the same tasks and configs: a ResNet-18/16 teacher (one epoch on tiny
-    synthetic data at 64 px), an SSWA student at ``layer4`` (tap gradients, second order, teacher masks), the
+    synthetic data at 64 px), an EWA student at ``layer4`` (SSWA's second order: the loss test above), the
     localisation report (Grad-CAM at ``layer4``); unstructured pruning's masks over every conv kernel of the
     nested tree (count checked against the torchvision layout's conv weights); structured pruning refused in
     one sentence."""
@@ -175,7 +177,7 @@ def test_resnet_through_the_tasks_prune_and_localization(tmp_path):
         c.distill.teacher_workdir, c.distill.taps = str(teacher), ("layer4",)
         return c
 
-    train_and_evaluate(stage(resnet_kd, "method=sswa", "resnet18/32"), tmp_path / "kd")
+    train_and_evaluate(stage(resnet_kd, "method=ewa", "resnet18/32"), tmp_path / "kd")  # SSWA: the loss test
     out = tmp_path / "report"
     results = localization_report([teacher, tmp_path / "kd"], methods=("gradcam",), out_dir=out, batch_size=8)
     assert results["runs"]["teacher"]["pairs"] > 0

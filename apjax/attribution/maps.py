@@ -60,7 +60,8 @@ def gradcam_map(
 
     Args:
       acts: (B, h, w, C) activations A.
-      grads: (B, h, w, C) gradients d score / d A.
+      grads: (B, h, w, C) gradients d score / d A (or their spatial sum, (B, 1, 1, C), with
+        ``reduce='sum'``).
       reduce: how :func:`channel_weights` pools the gradients over space (``'sum'`` or ``'mean'``).
       relu: ``V`` is a ReLU when True, the identity when False.
       channel_mask: optional 0/1 keep mask ``R_c``, (B, C) per image or (C,) shared by the batch.
@@ -68,8 +69,9 @@ def gradcam_map(
     Returns:
       (B, h, w) map.
     """
-    chex.assert_rank(acts, 4)
-    chex.assert_equal_shape([acts, grads])
+    chex.assert_rank([acts, grads], 4)
+    if grads.shape[1:3] != (1, 1):  # (B, 1, 1, C): gradients already summed over space
+        chex.assert_equal_shape([acts, grads])
     acts = _float(acts)
     weights = channel_weights(grads, reduce).astype(acts.dtype)
     if channel_mask is not None:

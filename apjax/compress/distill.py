@@ -31,13 +31,21 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from apjax.attribution import map_cosine_similarity, swa_map
 from apjax.compress.losses import MATCHING_FORMS, bce_loss, kd_loss, multi_tap_matching_loss
 from apjax.compress.matching import MATCHING_MAPS, SSWA_MODES, maps_at_taps, matching_methods, sswa_masks
-from apjax.data.augment import eval_preprocess, train_augment
+from apjax.compress.teacher_cache import (
+    CACHE_DTYPES,
+    CachedBatches,
+    build_teacher_cache,
+    draw_key,
+    teacher_outputs,
+    teacher_side,
+)
+from apjax.data.augment import draw_augment, eval_preprocess, train_augment
 from apjax.data.cache import HostCache
 from apjax.data.pipeline import batch_sharding, eval_batches
 from apjax.errors import ConfigError, MissingFileError
 from apjax.models import apply_with_taps, create_model, tap_gradients, top1_seed
 from apjax.trainer.checkpoints import restore_state
-from apjax.trainer.config import PRECISIONS, num_classes_of
+from apjax.trainer.config import PRECISIONS, load_data, num_classes_of
 from apjax.trainer.evaluation import classification_summary, valid_rows
 from apjax.trainer.files import load_workdir_config
 from apjax.trainer.state import (
@@ -89,6 +97,16 @@ def validate_distill_config(
     known = create_model(config.model).tap_names
     if d.method in MATCHING_MAPS and (not taps or any(t not in known for t in taps)):
         raise ConfigError(f"config.distill.taps must be a non-empty subset of {list(known)}, got {taps}.")
+    cache = d.get("teacher_cache", 0)
+    if not isinstance(cache, int) or cache < 0:
+        raise ConfigError(
+            f"config.distill.teacher_cache must be an integer >= 0 (0: the live teacher), got {cache!r}."
+        )
+    if d.get("teacher_cache_dtype", "bfloat16") not in CACHE_DTYPES:
+        raise ConfigError(
+            f"unknown config.distill.teacher_cache_dtype {d.teacher_cache_dtype!r}; "
+            f"choose one of {list(CACHE_DTYPES)}."
+        )
     if not d.teacher_workdir:
         raise ConfigError(
             "config.distill.teacher_workdir is empty; set it to the --workdir of a trained teacher."
@@ -141,18 +159,8 @@ def teacher_maps(
       ``(logits (B, K), maps tap -> (B, h, w), masks tap -> (1, C) or (B, C))``; maps are empty for
       methods without matching, masks for methods other than SSWA.
     """
-    spec = MATCHING_MAPS.get(d.method)
-    if spec is None:  # kd / naive: no matching term
-        logits = teacher.apply(variables, x)
-        return jax.lax.stop_gradient(logits), {}, {}
-    taps = tuple(d.taps)
-    if spec.needs_gradients:
-        logits, acts, grads, _ = tap_gradients(teacher, variables, x, top1_seed, taps)
-    else:
-        (logits, acts, _), grads = apply_with_taps(teacher, variables, x, taps), None
-    masks = spec.teacher_masks(key, acts, d) if spec.teacher_masks else {}
-    maps = maps_at_taps(spec, acts, grads, masks)
-    return jax.lax.stop_gradient(logits), jax.tree.map(jax.lax.stop_gradient, maps), masks
+    spec, taps = MATCHING_MAPS.get(d.method), tuple(d.taps)
+    return teacher_side(teacher_outputs(teacher, variables, x, spec, taps), spec, taps, d, key)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -202,7 +210,24 @@ def distill_loss(
         raise ValueError(f"unknown base loss {base_loss!r}; choose one of {list(BASE_LOSSES)}.")
     chex.assert_rank(x, 4)
     chex.assert_shape(labels, (x.shape[0], None))
-    t_logits, t_maps, t_masks = teacher_maps(teacher, teacher_vars, x, d, mask_key)
+    teacher_out = teacher_maps(teacher, teacher_vars, x, d, mask_key)
+    return student_loss(params, student, batch_stats, teacher_out, x, labels, d, dropout_key, base_loss)
+
+
+def student_loss(
+    params: Any,
+    student,
+    batch_stats: Any,
+    teacher_out: tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]],
+    x: jax.Array,
+    labels: jax.Array,
+    d: ml_collections.ConfigDict,
+    dropout_key: jax.Array,
+    base_loss: str = "kd",
+) -> tuple[jax.Array, dict[str, Any]]:
+    """:func:`distill_loss` given the teacher's half, ``teacher_out = (logits, maps, masks)`` from
+    :func:`teacher_maps` (live) or :func:`apjax.compress.teacher_cache.teacher_side` (cached)."""
+    t_logits, t_maps, t_masks = teacher_out
     seed = top1_seed(t_logits)  # the teacher's class k, used for the student too
     spec = MATCHING_MAPS.get(d.method)  # None: no matching term
     variables = {"params": params, "batch_stats": batch_stats}
@@ -298,6 +323,60 @@ def make_distill_step(
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
+
+
+def make_cached_distill_step(
+    student,
+    tx: optax.GradientTransformation,
+    lr_fn,
+    config,
+    mesh: Mesh,
+    steps_per_epoch: int,
+    draws: int,
+    base_loss: str = "kd",
+):
+    """:func:`make_distill_step` reading the teacher's outputs from the batch (``batch['teacher']``, a
+    :class:`apjax.compress.teacher_cache.CachedBatches`) instead of running it: the student's crop is
+    regenerated from ``(seed, index, draw)`` with ``draw = epoch mod draws``; SSWA's mask is drawn afresh.
+    The returned step takes (and ignores) the teacher's variables, like the live one."""
+    d = config.distill
+    spec, taps = MATCHING_MAPS.get(d.method), tuple(d.taps)
+    size, scale, key = config.data.image_size, tuple(config.data.crop_scale), draw_key(config.seed)
+    grad_fn = jax.value_and_grad(student_loss, has_aux=True)
+
+    def step(state: TrainState, teacher_vars, batch):
+        del teacher_vars
+        _, dropout_key, mask_key = step_keys(state, 3)
+        draw = (state.step // steps_per_epoch) % draws
+        x = draw_augment(key, batch["index"], draw, batch["images"], batch["sizes"], batch["extents"], size,
+                         student.dtype, scale)  # fmt: skip
+        labels = batch["labels"].astype(jnp.float32)
+        teacher_out = teacher_side(batch["teacher"], spec, taps, d, mask_key)
+        (loss, aux), grads = grad_fn(
+            state.params, student, state.batch_stats, teacher_out, x, labels, d, dropout_key, base_loss
+        )
+        new_state = apply_gradients(state, tx, grads, aux["batch_stats"])
+        return new_state, {"loss": loss, "lr": lr_fn(state.step), **aux["parts"]}
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(
+        step,
+        in_shardings=(replicated, replicated, batch_sharding(mesh)),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+
+
+def training_step(config, student, teacher, teacher_vars, tx, lr_fn, mesh: Mesh, base_loss: str = "kd"):
+    """``(step, wrap_batches)``: the live step (``distill.teacher_cache = 0``; ``wrap_batches`` None), or the
+    cached step and the wrapper adding the cached outputs to the batches, the cache built first if needed."""
+    if not config.distill.get("teacher_cache", 0):
+        return make_distill_step(student, teacher, tx, lr_fn, config, mesh, base_loss), None
+    train = load_data(config, splits=("train",))["train"]
+    cache = build_teacher_cache(config, teacher, teacher_vars, train, mesh)
+    spe = len(train) // config.batch_size
+    step = make_cached_distill_step(student, tx, lr_fn, config, mesh, spe, cache.draws, base_loss)
+    return step, lambda batches: CachedBatches(batches, cache)
 
 
 # ------------------------------------------------------------------------------------------------

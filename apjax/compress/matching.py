@@ -6,7 +6,9 @@ An entry says what both sides of the matching term compute at each tap of the la
   map is differentiated through those gradients, second order); EWA needs the activations only;
 - ``map_fn(acts (B, h, w, C), grads (B, h, w, C) or None, channel_mask (1 or B, C) or None) -> (B, h, w)``;
 - ``teacher_masks``: optional ``(key, acts by tap, config.distill) -> channel masks by tap``, drawn for the
-  TEACHER only (SSWA); the student's map is never masked.
+  TEACHER only (SSWA); the student's map is never masked;
+- ``pooled_gradients``: the map reads the gradients only through their spatial sum (the channel weights
+  u_c), so the teacher's may be given (and cached, :mod:`apjax.compress.teacher_cache`) as (B, 1, 1, C).
 
 The distillation and pruning steps read only this table, so a new matching map (Grad-CAM weights at any
 tap, another mask scheme) is one entry here: no step, validation, sweep or report edit. The methods
@@ -50,16 +52,20 @@ class MatchingMap:
     needs_gradients: bool
     map_fn: Callable[[jax.Array, jax.Array | None, jax.Array | None], jax.Array]
     teacher_masks: Callable[[jax.Array, Mapping[str, jax.Array], Any], dict[str, jax.Array]] | None = None
+    pooled_gradients: bool = False
 
 
 MATCHING_MAPS: dict[str, MatchingMap] = {
     "ewa": MatchingMap("EWA", needs_gradients=False, map_fn=lambda a, g, m: ewa_map(a)),
-    "swa": MatchingMap("SWA", needs_gradients=True, map_fn=lambda a, g, m: swa_map(a, g)),
+    "swa": MatchingMap(
+        "SWA", needs_gradients=True, map_fn=lambda a, g, m: swa_map(a, g), pooled_gradients=True
+    ),
     "sswa": MatchingMap(
         "SSWA",
         needs_gradients=True,
         map_fn=lambda a, g, m: swa_map(a, g, channel_mask=m),
         teacher_masks=lambda key, acts, d: sswa_masks(key, acts, d.sswa_mode, d.sswa_drop),
+        pooled_gradients=True,
     ),
 }
 

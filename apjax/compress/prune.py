@@ -33,8 +33,8 @@ import ml_collections
 
 from apjax.compress.distill import (
     SimilarityEval,
-    make_distill_step,
     teacher_config,
+    training_step,
     validate_distill_config,
 )
 from apjax.compress.matching import matching_methods
@@ -123,8 +123,11 @@ def parameter_counts(params: Any) -> dict[str, Any]:
 
 def pruning_task(config, student, teacher, teacher_vars, tx, lr_fn, mesh, init_state, steps=None) -> Task:
     """A pruning run's Task; ``steps`` = (train step, evaluation) to reuse compiled steps across rounds."""
-    step, evaluate = steps or pruning_steps(config, student, teacher, teacher_vars, tx, lr_fn, mesh)
+    step, evaluate, wrap_batches = steps or pruning_steps(
+        config, student, teacher, teacher_vars, tx, lr_fn, mesh
+    )
     return Task(
+        batches=wrap_batches,
         init_state=init_state,
         train_step=lambda state, batch: step(state, teacher_vars, batch),
         evaluate=evaluate,
@@ -133,6 +136,9 @@ def pruning_task(config, student, teacher, teacher_vars, tx, lr_fn, mesh, init_s
 
 
 def pruning_steps(config, student, teacher, teacher_vars, tx, lr_fn, mesh):
-    """The jitted fine-tuning step (BCE + beta * matching) and the evaluation against the teacher."""
-    step = make_distill_step(student, teacher, tx, lr_fn, config, mesh, base_loss="bce")
-    return step, SimilarityEval(student, teacher, teacher_vars, config, mesh)
+    """The jitted fine-tuning step (BCE + beta * matching; live teacher or its cached outputs), the evaluation
+    against the teacher and the batch wrapper of the cached step (None for the live one)."""
+    step, wrap_batches = training_step(
+        config, student, teacher, teacher_vars, tx, lr_fn, mesh, base_loss="bce"
+    )
+    return step, SimilarityEval(student, teacher, teacher_vars, config, mesh), wrap_batches

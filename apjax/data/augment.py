@@ -233,6 +233,51 @@ def train_augment(
     return normalize(out).astype(dtype)
 
 
+def draw_keys(key: jax.Array, index: jax.Array, draw: jax.Array) -> jax.Array:
+    """The key of augmentation draw ``draw`` of image ``index``: ``fold_in(fold_in(key, index), draw)``, a
+    function of the run's key, the image and the draw alone (not of the batch or the step).
+
+    ``index``: int (B,) image indices; ``draw``: int scalar or (B,). Returns (B,) keys.
+    """
+    draw = jnp.broadcast_to(jnp.asarray(draw, jnp.int32), jnp.shape(index))
+    return jax.vmap(lambda i, e: jax.random.fold_in(jax.random.fold_in(key, i), e))(index, draw)
+
+
+def draw_augment(
+    key: jax.Array,
+    index: jax.Array,
+    draw: jax.Array,
+    images: jax.Array,
+    sizes: jax.Array,
+    extents: jax.Array,
+    out_size: int,
+    dtype=jnp.float32,
+    scale: Sequence[float] = (0.08, 1.0),
+) -> jax.Array:
+    """:func:`train_augment` with each image's crop and flip drawn from its own key, :func:`draw_keys`
+    ``(key, index, draw)``: the same image and draw give the same crop in any batch, so a cache of the
+    teacher's outputs on that crop (:mod:`apjax.compress.teacher_cache`) can stand in for the teacher.
+
+    Args:
+      key: the run's augmentation key.
+      index: int (B,) the images' indices in the training split.
+      draw: int scalar or (B,), the draw (epoch mod the number of cached draws).
+      images, sizes, extents, out_size, dtype, scale: as in :func:`train_augment`.
+
+    Returns:
+      (B, out_size, out_size, 3) normalised images of ``dtype``.
+    """
+    keys = draw_keys(key, index, draw)
+
+    def one(k, size):
+        k_box, k_flip = jax.random.split(k)
+        return sample_crop_boxes(k_box, size[None], scale=tuple(scale))[0], jax.random.bernoulli(k_flip, 0.5)
+
+    boxes, flip = jax.vmap(one)(keys, jnp.asarray(sizes))
+    out = crop_resize(images, boxes, sizes, extents, out_size, flip)
+    return normalize(out).astype(dtype)
+
+
 def eval_preprocess(images: jax.Array, extents: jax.Array, out_size: int, dtype=jnp.float32) -> jax.Array:
     """The stored image of each slot resized once (bilinear, antialiased) to out_size x out_size, normalised.
 

@@ -49,10 +49,8 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
 
 def _to_global(local: dict[str, np.ndarray], mesh: Mesh, global_batch_size: int) -> dict:
     sharding = batch_sharding(mesh)
-    return {
-        k: jax.make_array_from_process_local_data(sharding, v, (global_batch_size, *v.shape[1:]))
-        for k, v in local.items()
-    }
+    shape = lambda v: (global_batch_size, *v.shape[1:])  # noqa: E731
+    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, v, shape(v)), local)
 
 
 class TrainBatches:
@@ -60,7 +58,8 @@ class TrainBatches:
 
     Each batch is a dict of global arrays: ``images`` uint8 (B, S, S, 3) cache slots, ``sizes`` int32
     (B, 2) original (H, W), ``extents`` int32 (B, 2) the (h, w) each image fills in its slot, ``labels``
-    uint8 (B, K), split over the mesh's 'data' axis.
+    uint8 (B, K), ``index`` int32 (B,) the images' indices in the split, split over the mesh's 'data'
+    axis.
     """
 
     def __init__(self, cache: HostCache, global_batch_size: int, seed: int, mesh: Mesh):
@@ -96,6 +95,7 @@ class TrainBatches:
             "sizes": c.sizes[idx],
             "extents": c.extents[idx],
             "labels": c.labels[idx],
+            "index": idx.astype(np.int32),
         }
 
     def batch(self, step: int) -> dict[str, jax.Array]:

@@ -30,14 +30,16 @@ def build(
     lr_fn: optax.Schedule,
     workdir: Path | None = None,
 ) -> Task:
-    """The distillation :class:`Task`: a frozen teacher, a student, KD plus the matching loss; evaluated
-    against the teacher (:class:`apjax.compress.distill.SimilarityEval`). Writes nothing in ``workdir``."""
+    """The distillation :class:`Task`: a frozen teacher (live, or its cached outputs with
+    ``distill.teacher_cache``), a student, KD plus the matching loss; evaluated against the teacher
+    (:class:`apjax.compress.distill.SimilarityEval`). Writes nothing in ``workdir``."""
     del workdir
     teacher, teacher_vars = distill.load_teacher(config, mesh)
     student = build_model(config, num_classes)
     tx = create_optimizer(config, lr_fn)
-    step = distill.make_distill_step(student, teacher, tx, lr_fn, config, mesh)
+    step, wrap_batches = distill.training_step(config, student, teacher, teacher_vars, tx, lr_fn, mesh)
     return Task(
+        batches=wrap_batches,
         init_state=lambda: create_train_state(config, student, tx),
         abstract_init=lambda sharding: abstract_train_state(config, student, tx, sharding),
         train_step=lambda state, batch: step(state, teacher_vars, batch),

@@ -36,6 +36,9 @@ ADDED_FIELDS = {
     "model_init": "torchvision",
     "from_scratch": False,
     "distill.kd_log_eps": 0.0,
+    "distill.teacher_cache": 0,
+    "distill.teacher_cache_dtype": "bfloat16",
+    "distill.teacher_cache_dir": "",
 }
 
 

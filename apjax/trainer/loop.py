@@ -51,6 +51,8 @@ class Task:
       abstract_init: optional (sharding) -> the state's shapes (``jax.ShapeDtypeStruct`` leaves) to
         restore a checkpoint into, built without computing the initial state (and so without reading a
         weight file); by default the shapes of ``init_state()``.
+      batches: optional (the run's :class:`TrainBatches`) -> the batches ``train_step`` reads, e.g. with a
+        teacher's cached outputs added (:class:`apjax.compress.teacher_cache.CachedBatches`).
     """
 
     init_state: Callable[[], TrainState]
@@ -58,6 +60,7 @@ class Task:
     evaluate: Callable[[TrainState, HostCache], dict[str, float]]
     describe: Callable[[TrainState], dict[str, Any]] | None = None
     abstract_init: Callable[[Any], TrainState] | None = None
+    batches: Callable[[TrainBatches], TrainBatches] | None = None
 
     def abstract_state(self, sharding) -> TrainState:
         """What a checkpoint of this task is restored into (see ``abstract_init``)."""
@@ -175,6 +178,7 @@ def run_training(
     ``desc`` labels the progress bar (the task's name by default).
     """
     is_main = jax.process_index() == 0
+    batches = task.batches(batches) if task.batches else batches
     spe = batches.steps_per_epoch
     total_steps = epochs_to_steps(config, spe)["total"]
     checkpoints = Checkpoints(workdir)
