@@ -11,13 +11,16 @@ import pytest
 import qwix
 from flax import traverse_util
 
+from apjax import experiment, report
 from apjax.compress import distill
 from apjax.compress.quantize import model_size_bytes, quantize_model
 from apjax.errors import ConfigError
 from apjax.evaluation import evaluate_workdir, load_run
 from apjax.models import create_model, init_variables
 from apjax.tasks import train_and_evaluate, validate_config
+from configs import paper
 from configs import quantize as quantize_config
+from tests.test_experiment import cell
 from tests.test_prune import small_prune_config
 
 WIDTHS = (4, "M", 8, "M")
@@ -175,3 +178,32 @@ def test_quantize_task_trains_and_eval_restores_the_quantized_net(teacher_dir, t
     again = _quant_config(teacher_dir, "int4w", "naive", source_workdir=str(workdir))
     with pytest.raises(ConfigError, match="holds a quantized run"):
         train_and_evaluate(again, tmp_path / "q2")
+
+
+def test_sweep_plans_quantization_stages_and_the_report_shows_them(tmp_path):
+    c = paper.get_config("small")
+    stages = experiment.plan(c, tmp_path)
+    quant = [s for s in stages if s.kind == "quantize"]
+    assert [s.name for s in quant][:2] == ["quant_int8_naive", "quant_int8_ewa"] and len(quant) == 8
+    s = next(s for s in quant if s.name == "quant_int4w_sswa")
+    assert (s.bits, s.config.quant.bits, s.config.distill.method) == ("int4w", "int4w", "sswa")
+    assert s.config.model == c.teacher.model and s.config.quant.source_workdir == ""
+    assert s.config.distill.teacher_workdir == str(tmp_path / "teacher")
+    experiment.validate_sweep(c, stages)
+    assert not [s for s in experiment.plan(paper.get_config("demo"), tmp_path) if s.kind == "quantize"]
+
+    gradcam = {"AUC": 0.85, "Point": 0.75, "Cos": 0.8, "l2": 12.5}
+    sizes = {"teacher": 4_000_000, "quant_int8_naive": 1_010_000, "quant_int4w_sswa": 510_000}
+    ev = {
+        "run_order": list(sizes),
+        "runs": {
+            n: {"val": {"mAP": 0.5}, "methods": {"gradcam": gradcam}, "size_bytes": b, "params_nonzero": 10}
+            for n, b in sizes.items()
+        },
+    }
+    md = "\n".join(report.tables(c, stages, {"eval": ev, "eval_methods": None}, voc=False))
+    assert "## Quantization" in md
+    assert cell(md, ["float32 (teacher)", "-"], "size (bytes)") == "4,000,000"
+    row = ["int4 weights (float activations)", "SSWA"]
+    assert cell(md, row, "size (bytes)") == "510,000" and cell(md, row, "of the teacher's") == "12.8%"
+    assert cell(md, ["int8 weights + int8 activations", "Naive"], "AUC") == "85.00"
