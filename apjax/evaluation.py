@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from apjax import evaluators
 from apjax.attribution.methods import check_methods, method_label
+from apjax.compress.quantize import model_size_bytes, quant_bits_of
 from apjax.compress.unstructured import count_nonzero_params
 from apjax.data import class_names
 from apjax.data.pipeline import data_mesh
@@ -150,6 +151,9 @@ def _run_entry(r: EvalRun, ctx: EvalContext, batch_size: int) -> dict:
         "params": count_params(params),
         "params_nonzero": count_nonzero_params(params),
         "params_conv_bn": conv_bn_param_count(params),
+        # What the model stores, in bytes (quantized kernels at their bits): apjax.compress.quantize.
+        "size_bytes": model_size_bytes(r.variables, quant_bits_of(r.config))["size_bytes"],
+        "quant_bits": quant_bits_of(r.config),
         "val": val,
     }
     return entry

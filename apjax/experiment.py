@@ -6,6 +6,8 @@ A sweep is a list of stages, each with its own workdir under one root:
 - ``kd_<student>_<method>``: distillation into each student size with ``kd``, ``ewa``, ``swa``, ``sswa``;
 - ``prune_u_<method>`` and ``prune_s_<method>``: unstructured and structured pruning with ``naive``,
   ``ewa``, ``swa``, ``sswa``;
+- ``quant_<bits>_<method>``: quantization-aware training of the teacher (``int8``: int8 weights and
+  activations; ``int4w``: int4 weights) with ``naive``, ``ewa``, ``swa``, ``sswa``;
 - ``eval``: the localisation report (Grad-CAM) of the teacher and every finished run;
 - ``eval_methods``: the other attribution methods (the paper's Table 8) on the teacher and the smallest
   student with and without SSWA;
@@ -79,6 +81,12 @@ def plan(config: ml_collections.ConfigDict, root: Path) -> list[Stage]:
             c.model = teacher.model
             c.distill.method, c.distill.teacher_workdir = method, teacher_dir
             stages.append(Stage(f"{PRUNE_PREFIX[task]}_{method}", task, method, config=c))
+    for bits in config.get("quant_bits", ()):
+        for method in config.quant_methods:
+            c = _stage_config(config.quantize, config)
+            c.model, c.quant.bits, c.quant.source_workdir = teacher.model, bits, ""  # the teacher itself
+            c.distill.method, c.distill.teacher_workdir = method, teacher_dir
+            stages.append(Stage(f"quant_{bits}_{method}", "quantize", method, config=c, bits=bits))
     stages.append(Stage("eval", "eval"))
     if config.table8_methods and config.students:
         stages.append(Stage("eval_methods", "eval_methods"))

@@ -10,7 +10,6 @@ at logit >= 0.5, its #Param beside the column that counts what it counted.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,8 @@ import numpy as np
 
 from apjax.attribution.methods import method_label
 from apjax.compress.matching import MATCHING_MAPS
+from apjax.compress.quantize import QUANT_SCHEMES
+from apjax.report_plots import plot_lines
 from apjax.stages import smallest_student, stage_results
 from apjax.trainer.files import write_text_atomic
 
@@ -132,6 +133,7 @@ def run_metrics(evaluation: dict | None, name: str, method: str = "gradcam") -> 
     out.update({k: m.get(k) for k in ("AUC", "Point", "Cos", "l2")})
     out["params_nonzero"] = r.get("params_nonzero", r.get("params"))
     out["params_conv_bn"] = r.get("params_conv_bn")
+    out["size_bytes"] = r.get("size_bytes")
     out["step"] = r.get("step")
     out["checkpoint"] = r.get("checkpoint")
     return out
@@ -281,6 +283,31 @@ def _pruning_tables(ev: dict, stages, voc: bool) -> list[str]:
     return lines
 
 
+def _quantization_table(ev: dict, stages) -> list[str]:
+    """Quantization: the float teacher and each quantized run, with the bytes each stores."""
+    teacher = run_metrics(ev, "teacher")
+    runs = [(("float32 (teacher)", "-"), teacher)] if teacher else []
+    for s in stages:
+        if s.kind == "quantize" and run_metrics(ev, s.name):
+            runs.append(((QUANT_SCHEMES[s.bits].label, method_name(s.method)), run_metrics(ev, s.name)))
+    if len(runs) < 1 + bool(teacher):  # no quantized run
+        return []
+    base = (teacher or {}).get("size_bytes")
+    rows = []
+    for label, m in runs:
+        size = m.get("size_bytes")
+        ratio = f"{100 * size / base:.1f}%" if _finite(size) and _finite(base) else "-"
+        rows.append([*label, f"{size:,}" if _finite(size) else "-", ratio, *_metric_cells(m, None)])
+    header = ["scheme", "method", "size (bytes)", "of the teacher's", *(h for h, _, _ in COLUMNS)]
+    lines = ["## Quantization (quantization-aware training of the teacher; not in the paper)", ""]
+    note = (
+        "Size: what the model stores, quantized kernels packed at their bits with a float32 scale per output "
+        "channel, every bias, BatchNorm parameter and statistic in float32. Grad-CAM runs through the "
+        "quantized net (qwix's straight-through backward pass); Cos and l2 compare with the float teacher."
+    )
+    return [*lines, *_table(header, rows), "", note, ""]
+
+
 def _table8(ev8: dict, smallest: str | None, voc: bool) -> list[str]:
     """Table 8: other attribution methods on the teacher and the smallest student without and with SSWA."""
     if not ev8:
@@ -322,19 +349,15 @@ def tables(config, stages, results: dict, voc: bool) -> list[str]:
         *_table1(ev, smallest, voc),
         *_table2(ev, stages, voc),
         *_pruning_tables(ev, stages, voc),
+        *_quantization_table(ev, stages),
         *_table8(ev8, smallest, voc),
         *_checkpoints_table(ev),
     ]
 
 
 def plot_against_params(root: Path, stages, results: dict) -> list[str]:
-    """``figures/auc_vs_params.png`` and ``figures/cos_vs_params.png``: one line per method; returns the
-    written paths relative to ``root``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """``figures/auc_vs_params.png`` and ``figures/cos_vs_params.png``: one line per compression method
+    (:func:`apjax.report_plots.plot_lines`); returns the written paths relative to ``root``."""
     ev = results["eval"]
     if not ev:
         return []
@@ -346,35 +369,7 @@ def plot_against_params(root: Path, stages, results: dict) -> list[str]:
             label = f"{kinds[s.kind]}: {method_name(s.method)}"
             points.setdefault(label, []).append((m["params_nonzero"], m["AUC"], m["Cos"]))
     teacher = run_metrics(ev, "teacher")
-    written = []
-    out = root / "figures"
-    out.mkdir(exist_ok=True)
-    for metric, col, ylabel in (("auc", 1, "Grad-CAM AUC (%)"), ("cos", 2, "Cos to the teacher's map")):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for label, pts in sorted(points.items()):
-            pts = sorted(p for p in pts if _finite(p[col]))
-            if pts:
-                x = [p[0] for p in pts]
-                y = [p[col] * (100 if col == 1 else 1) for p in pts]
-                ax.plot(x, y, marker="o", label=label)
-        if teacher and col == 1 and _finite(teacher.get("AUC")):
-            ax.scatter(
-                [teacher["params_nonzero"]], [100 * teacher["AUC"]], marker="*", s=150, c="k", label="teacher"
-            )
-        ax.set_xscale("log")
-        ax.set_xlabel("non-zero parameters (head included)")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:  # a plot without a finite point has nothing to label
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / f"{metric}_vs_params.png"
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=90)
-        os.replace(tmp, path)
-        plt.close(fig)
-        written.append(str(path.relative_to(root)))
-    return written
+    return plot_lines(root, points, (teacher["params_nonzero"], teacher.get("AUC")) if teacher else None)
 
 
 def write_report(config, root: Path, stages) -> Path:

@@ -17,11 +17,12 @@ class Stage:
 
     Attributes:
       name: the stage's workdir name under the sweep's root (and its name in ``config.only``).
-      kind: a training task (``teacher``, ``distill``, ``prune_unstructured``, ``prune_structured``),
-        ``eval``, ``eval_methods`` or ``report``.
+      kind: a training task (``teacher``, ``distill``, ``prune_unstructured``, ``prune_structured``,
+        ``quantize``), ``eval``, ``eval_methods`` or ``report``.
       method: the compression method (``kd``/``naive``, ``ewa``, ``swa``, ``sswa``), or ''.
       student: the student size (``x2``, ``x4``, ``x8``) of a distillation stage, or ''.
       config: the training config of a training stage (None otherwise).
+      bits: the quantization scheme (``int8``, ``int4w``) of a quantization stage, or ''.
     """
 
     name: str
@@ -29,6 +30,7 @@ class Stage:
     method: str = ""
     student: str = ""
     config: ml_collections.ConfigDict | None = None
+    bits: str = ""
 
 
 def smallest_student(students) -> str | None:

@@ -21,8 +21,10 @@ without SSWA: the story in minutes), ``small`` (the CPU-sized variant of every c
 methods, both prunings), and the default ``paper`` (PASCAL VOC 2012 at 227x227, VGG16, every recipe as in
 SPEC section 6; needs a GPU or TPU). Each stage runs in ``<workdir>/<stage>``; rerunning the command skips
 finished stages. Choose stages with ``--config.only=teacher,kd_x8_*`` (glob patterns); the stage
-configs are ``config.teacher``, ``config.kd``, ``config.prune_unstructured`` and ``config.prune_structured``
-(override any field, e.g. ``--config.kd.num_epochs=100``); ``config.data`` is shared by all stages.
+configs are ``config.teacher``, ``config.kd``, ``config.prune_unstructured``, ``config.prune_structured`` and
+``config.quantize`` (override any field, e.g. ``--config.kd.num_epochs=100``); ``config.data`` is shared by
+all stages. ``config.quant_bits`` and ``config.quant_methods`` choose the quantization stages
+(``quant_<bits>_<method>``; none in the demo).
 """
 
 from __future__ import annotations
@@ -30,7 +32,15 @@ from __future__ import annotations
 import ml_collections
 
 from apjax.compress.matching import matching_methods
-from configs import prune_structured, prune_unstructured, resnet_kd, teacher_resnet, teacher_vgg16, vgg16_kd
+from configs import (
+    prune_structured,
+    prune_unstructured,
+    quantize,
+    resnet_kd,
+    teacher_resnet,
+    teacher_vgg16,
+    vgg16_kd,
+)
 from configs.common import data_config, parse_arg
 
 
@@ -51,6 +61,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.kd_methods = ("kd", *matching_methods())  # every registered matching map (apjax.compress.matching)
     c.prune_kinds = ("unstructured", "structured")
     c.prune_methods = ("naive", *matching_methods())
+    # Quantization-aware training of the teacher (configs/quantize.py; not in the paper): int8 weights and
+    # activations, int4 weights; stages quant_<bits>_<method>.
+    c.quant_bits = ("int8", "int4w")
+    c.quant_methods = ("naive", *matching_methods())
     c.eval_methods = ("gradcam",)  # Tables 1, 2, 4-7
     c.table8_methods = ("gradcam", "excitation_bp", "lrp", "rap")  # teacher and the smallest student
     c.eval_batch_size = 32
@@ -60,6 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.kd = vgg16_kd.get_config(stage_arg)
     c.prune_unstructured = prune_unstructured.get_config(stage_arg)
     c.prune_structured = prune_structured.get_config(stage_arg)
+    c.quantize = quantize.get_config(stage_arg)
     if a.model != "vgg16":
         resnet_arg = ",".join(filter(None, (stage_arg, f"model={a.model}")))
         c.teacher = teacher_resnet.get_config(resnet_arg)
@@ -67,9 +82,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.prune_unstructured.model = c.teacher.model
         c.prune_unstructured.dropout_rate = 0.0
         c.prune_unstructured.distill.taps = c.kd.distill.taps
+        c.quantize.dropout_rate = 0.0
+        c.quantize.distill.taps = c.kd.distill.taps
         c.prune_kinds = ("unstructured",)  # structured pruning cuts a plain conv chain (VGG) only
         c.table8_methods = ("gradcam",)  # Excitation BP, LRP and RAP walk a plain conv chain (VGG) only
-    for stage in (c.teacher, c.kd, c.prune_unstructured, c.prune_structured):
+    for stage in (c.teacher, c.kd, c.prune_unstructured, c.prune_structured, c.quantize):
         del stage["data"]  # the sweep's config.data is used by every stage
         if variant == "paper":
             # The reference keeps the checkpoint with the best per-image AP (its and the paper's "mAP").
@@ -85,5 +102,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.kd_methods = ("kd", "sswa")
         c.kd.num_epochs, c.kd.lr_decay_epochs = 8, (6,)
         c.prune_kinds = ()
+        c.quant_bits = ()  # the demo is unchanged; e.g. --config.quant_bits="('int8','int4w')" adds them
         c.table8_methods = ()
     return c

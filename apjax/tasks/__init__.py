@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from apjax import evaluators
 from apjax.data.pipeline import TrainBatches, check_batch_size, data_mesh
 from apjax.errors import ConfigError
-from apjax.tasks import distill, prune_structured, prune_unstructured, teacher
+from apjax.tasks import distill, prune_structured, prune_unstructured, quantize, teacher
 from apjax.trainer.config import build_model, check_model_input, load_data, validate_common
 from apjax.trainer.files import prepare_workdir
 from apjax.trainer.loop import Task, run_training
@@ -33,6 +33,7 @@ TASKS: dict[str, ModuleType] = {
     "distill": distill,
     "prune_unstructured": prune_unstructured,
     "prune_structured": prune_structured,
+    "quantize": quantize,
 }
 
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from apjax.compress.quantize import quant_bits_of, quantize_model
 from apjax.data import DATASETS, HostCache, check_data_config, class_names, load_cached_split
 from apjax.data.synthetic import SyntheticConfig
 from apjax.errors import ConfigError
@@ -102,14 +103,18 @@ def synthetic_config(config: ml_collections.ConfigDict) -> SyntheticConfig:
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
-    """The config's model (``config.model``, precision, dropout, init) with ``num_classes`` outputs."""
-    return create_model(
+    """The config's model (``config.model``, precision, dropout, init) with ``num_classes`` outputs,
+    quantized (:func:`apjax.compress.quantize.quantize_model`) when the config has a ``quant`` block: a
+    quantized run's workdir rebuilds its quantized model from its ``config.json``."""
+    model = create_model(
         config.model,
         num_classes=num_classes,
         dtype=PRECISIONS[config.precision],
         dropout_rate=config.dropout_rate,
         init=config.get("model_init", "pytorch_default"),
     )
+    bits = quant_bits_of(config)
+    return quantize_model(model, bits) if bits else model
 
 
 def num_classes_of(config: ml_collections.ConfigDict) -> int:
