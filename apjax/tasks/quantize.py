@@ -6,7 +6,7 @@ is quantized with :func:`apjax.compress.quantize.quantize_model` (qwix's quantiz
 
     L = BCE + beta * sum_taps matching(M_quantized, M_teacher)
 
-as in pruning (:mod:`apjax.compress.prune`): the same one-jitted-step :func:`make_distill_step` with a BCE
+as in pruning (:mod:`apjax.compress.prune`): the same one-jitted-step distillation step with a BCE
 base loss, the matching teacher the FLOAT teacher of ``config.distill.teacher_workdir`` (frozen, eval
 mode), methods ``naive`` (no matching), ``ewa``, ``swa``, ``sswa``. The quantized net starts from the
 source's best checkpoint (its latent float weights and BatchNorm statistics). Its tap gradients, and so
@@ -86,10 +86,11 @@ def build(
     teacher, teacher_vars = load_teacher(config, mesh)
     student = build_model(config, num_classes)  # quantized: config.quant
     tx = create_optimizer(config, lr_fn)
-    step, evaluate = pruning_steps(config, student, teacher, teacher_vars, tx, lr_fn, mesh)
+    step, evaluate, wrap_batches = pruning_steps(config, student, teacher, teacher_vars, tx, lr_fn, mesh)
     key = jax.random.split(jax.random.key(config.seed))[1]
     bits = config.quant.bits
     return Task(
+        batches=wrap_batches,  # distill.teacher_cache > 0: the float teacher's cached outputs
         init_state=lambda: fresh_state(source["params"], source["batch_stats"], tx, key),
         train_step=lambda state, batch: step(state, teacher_vars, batch),
         evaluate=evaluate,
