@@ -316,6 +316,12 @@ def make_distill_step(
         new_state = apply_gradients(state, tx, grads, aux["batch_stats"])
         return new_state, {"loss": loss, "lr": lr_fn(state.step), **aux["parts"]}
 
+    return _jit_step(step, mesh)
+
+
+def _jit_step(step, mesh: Mesh):
+    """``step(state, teacher_vars, batch)`` jitted on the mesh: state and teacher replicated, the batch
+    split; the state donated."""
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(
         step,
@@ -358,13 +364,7 @@ def make_cached_distill_step(
         new_state = apply_gradients(state, tx, grads, aux["batch_stats"])
         return new_state, {"loss": loss, "lr": lr_fn(state.step), **aux["parts"]}
 
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(
-        step,
-        in_shardings=(replicated, replicated, batch_sharding(mesh)),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
-    )
+    return _jit_step(step, mesh)
 
 
 def training_step(config, student, teacher, teacher_vars, tx, lr_fn, mesh: Mesh, base_loss: str = "kd"):

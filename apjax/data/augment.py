@@ -229,8 +229,7 @@ def train_augment(
     k_box, k_flip = jax.random.split(key)
     boxes = sample_crop_boxes(k_box, sizes, scale=tuple(scale))
     flip = jax.random.bernoulli(k_flip, 0.5, (images.shape[0],))
-    out = crop_resize(images, boxes, sizes, extents, out_size, flip)
-    return normalize(out).astype(dtype)
+    return normalize(crop_resize(images, boxes, sizes, extents, out_size, flip)).astype(dtype)
 
 
 def draw_keys(key: jax.Array, index: jax.Array, draw: jax.Array) -> jax.Array:
@@ -274,8 +273,7 @@ def draw_augment(
         return sample_crop_boxes(k_box, size[None], scale=tuple(scale))[0], jax.random.bernoulli(k_flip, 0.5)
 
     boxes, flip = jax.vmap(one)(keys, jnp.asarray(sizes))
-    out = crop_resize(images, boxes, sizes, extents, out_size, flip)
-    return normalize(out).astype(dtype)
+    return normalize(crop_resize(images, boxes, sizes, extents, out_size, flip)).astype(dtype)
 
 
 def eval_preprocess(images: jax.Array, extents: jax.Array, out_size: int, dtype=jnp.float32) -> jax.Array:
