@@ -166,3 +166,36 @@ def test_voc_tables_put_each_paper_number_beside_the_same_quantity(tmp_path):
     assert cell(md, ["Naive"], "Cos") == "0.800 (0.790)"
     assert md.count("| Naive | 3.27M (3.27M) |") == 1
     assert cell(md, ["prune_s_naive", "10"], "chosen by") == "best val per_image_AP"
+
+
+def test_seeds_repeat_every_training_stage_and_keep_the_first_seeds_workdirs(tmp_path):
+    c = paper.get_config("demo")
+    c.seeds = (0, 1)
+    stages = experiment.plan(c, tmp_path)
+    train = [
+        (s.name, s.seed, s.config.seed, s.config.get("distill", {}).get("teacher_workdir"))
+        for s in stages
+        if s.config
+    ]
+    teacher = str(tmp_path / "teacher")
+    assert train == [
+        ("teacher", 0, 3, None),  # one teacher (offset 0) for every seed's students
+        ("kd_x2_kd", 0, 42, teacher),
+        ("kd_x2_sswa", 0, 42, teacher),
+        ("kd_x2_kd@s1", 1, 43, teacher),
+        ("kd_x2_sswa@s1", 1, 43, teacher),
+    ]
+    assert [s.base for s in stages if s.config][-1] == "kd_x2_sswa"
+    assert [s.name for s in stages if not s.config] == ["eval", "report"]
+    assert [s.name for s in experiment.selected(stages, "kd_x2_sswa*")] == ["kd_x2_sswa", "kd_x2_sswa@s1"]
+    c.teacher_per_seed = True
+    names = [
+        (s.name, s.config.get("distill", {}).get("teacher_workdir"))
+        for s in experiment.plan(c, tmp_path)
+        if s.config
+    ]
+    assert names[3] == ("teacher@s1", None)
+    assert names[4] == ("kd_x2_kd@s1", str(tmp_path / "teacher@s1"))
+    c.seeds = (0, 0)
+    with pytest.raises(ValueError, match="config.seeds must be distinct non-negative integers"):
+        experiment.plan(c, tmp_path)
