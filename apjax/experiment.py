@@ -139,6 +139,14 @@ def validate_sweep(config: ml_collections.ConfigDict, stages: list[Stage]) -> No
                 validate_config(s.config)
             except ConfigError as e:
                 raise ConfigError(f"stage {s.name}: {e}") from e
+    for s in stages:
+        cache_dir = s.config.get("distill", {}).get("teacher_cache_dir") if s.config is not None else ""
+        if cache_dir and len(seed_offsets(config)) > 1:
+            raise ConfigError(
+                f"stage {s.name}: one teacher_cache_dir cannot hold the caches of several seeds (each seed "
+                "draws its own crops); leave distill.teacher_cache_dir empty (a cache per seed, under the "
+                "teacher)."
+            )
     check_methods(config.eval_methods, "config.eval_methods")
     check_methods(config.table8_methods, "config.table8_methods")
     names = [s.name for s in stages]

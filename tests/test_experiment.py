@@ -276,3 +276,60 @@ def test_seeded_report_shows_means_with_t_intervals_and_paired_differences(tmp_p
     assert not [line for line in md.splitlines() if line.startswith("|") and "±" in line]
     assert "## Paired differences (matching minus KD, same seed) (n = 1)" in md
     assert cell(md, ["x2", "SSWA - KD"], "AUC") == "+10.00"
+
+
+def test_eval_covers_every_seed_with_a_report_per_teacher(tmp_path, monkeypatch):
+    from apjax import evaluation
+    from apjax import stages as stages_mod
+
+    c = paper.get_config("demo")
+    c.seeds, c.teacher_per_seed = (0, 1), True
+    root = tmp_path / "sweep"
+    plan = experiment.plan(c, root)
+    for name in (
+        "teacher",
+        "kd_x2_kd",
+        "kd_x2_sswa",
+        "teacher@s1",
+        "kd_x2_kd@s1",
+    ):  # kd_x2_sswa@s1 unfinished
+        (root / name).mkdir(parents=True)
+        (root / name / "final_metrics.json").write_text("{}")
+    calls = []
+
+    def fake_report(workdirs, methods, out_dir, **_):
+        names = [w.name for w in workdirs]
+        calls.append((out_dir.relative_to(root).as_posix(), names))
+        runs = {n: fake_run(0.8, 0.9) for n in names}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        report = {
+            "runs": runs,
+            "run_order": names,
+            "methods": list(methods),
+            "format": evaluation.REPORT_FORMAT,
+        }
+        (out_dir / "localization.json").write_text(json.dumps(report))
+
+    monkeypatch.setattr(evaluation, "localization_report", fake_report)
+    eval_stage = next(s for s in plan if s.name == "eval")
+    assert experiment._run_eval(root, eval_stage, plan, c) == "evaluated 5 runs"
+    # Each seed's students are compared with their own seed's teacher.
+    assert calls == [
+        ("eval", ["teacher", "kd_x2_kd", "kd_x2_sswa"]),
+        ("eval/s1", ["teacher@s1", "kd_x2_kd@s1"]),
+    ]
+    merged = stages_mod.stage_results(root, plan)["eval"]
+    assert merged["run_order"] == ["teacher", "kd_x2_kd", "kd_x2_sswa", "teacher@s1", "kd_x2_kd@s1"]
+    assert experiment._run_eval(root, eval_stage, plan, c) == "skipped: already covers these runs"
+    md = "\n".join(report.tables(c, plan, {"eval": merged, "eval_methods": None}, voc=False))
+    assert cell(md, ["teacher", "-"], "n") == "2" and cell(md, ["x2", "SSWA"], "n") == "1"
+    # One shared teacher: one report of every seed's runs.
+    c.teacher_per_seed = False
+    plan = experiment.plan(c, root)
+    groups = experiment._eval_groups(root, plan, "eval", c)
+    assert [(seed, [s.name for s in runs]) for seed, runs in groups] == [
+        (0, ["teacher", "kd_x2_kd", "kd_x2_sswa", "kd_x2_kd@s1"])
+    ]
+    c.kd.distill.teacher_cache_dir = "/tmp/cache"
+    with pytest.raises(ValueError, match="one teacher_cache_dir cannot hold the caches of several seeds"):
+        experiment.validate_sweep(c, experiment.plan(c, root))
