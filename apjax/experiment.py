@@ -16,6 +16,14 @@ A sweep is a list of stages, each with its own workdir under one root:
   logit >= 0.5), the val metric that chose each run's checkpoint, plots of AUC and similarity against
   parameter count, and the figures.
 
+Seeds: ``config.seeds`` lists seed offsets (default ``(0,)``, the sweep as before). Every training stage
+runs once per offset k, its config's ``seed`` plus k, in the workdir ``<stage>`` for k = 0 (where a sweep
+without seeds has it, so it resumes) and ``<stage>@s<k>`` otherwise (``kd_x2_sswa@s1``). One teacher
+(offset 0) serves every seed's students unless ``config.teacher_per_seed``: then each offset has its own
+teacher (``teacher@s<k>``) and its students distill from it, and the evaluations compare each student's
+maps with its own seed's teacher (``<eval>/s<k>/``). The report's tables show each number's mean over the
+seeds with its 95% Student t interval, and paired differences (a method minus KD or naive, same seed).
+
 A training stage whose ``final_metrics.json`` exists is skipped, an unfinished one resumes from its last
 checkpoint, so an interrupted sweep continues when the command is run again. An evaluation stage is
 skipped when its report already covers the same finished runs (and was written in the current layout,
@@ -42,7 +50,7 @@ from apjax.attribution.methods import check_methods
 from apjax.errors import ConfigError
 from apjax.models import family_of
 from apjax.report import write_report
-from apjax.stages import Stage, is_finished, smallest_student
+from apjax.stages import Stage, eval_dir, is_finished, seed_name, smallest_student
 from apjax.tasks import TASKS, train_and_evaluate, validate_config
 from apjax.trainer.files import prepare_workdir, sync_processes, write_json_atomic
 
@@ -63,30 +71,59 @@ def _stage_config(template: ml_collections.ConfigDict, sweep: ml_collections.Con
     return c
 
 
-def plan(config: ml_collections.ConfigDict, root: Path) -> list[Stage]:
-    """Every stage of the sweep ``config`` in order (before ``config.only`` is applied)."""
-    teacher = _stage_config(config.teacher, config)
-    stages = [Stage("teacher", "teacher", config=teacher)]
-    teacher_dir = str(root / "teacher")
+def seed_offsets(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """``config.seeds``: distinct non-negative seed offsets, (0,) when unset."""
+    seeds = tuple(config.get("seeds", None) or (0,))
+    valid = all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in seeds)
+    if not valid or len(set(seeds)) < len(seeds):
+        raise ConfigError(f"config.seeds must be distinct non-negative integers (offsets), got {seeds}.")
+    return seeds
+
+
+def _seeded(stage: Stage, seed: int) -> Stage:
+    """``stage`` at seed offset ``seed``: its name gets ``@s<seed>`` (none for 0), its config's seed grows."""
+    stage.name, stage.seed = seed_name(stage.name, seed), seed
+    stage.config.seed = stage.config.seed + seed
+    return stage
+
+
+def _compression_stages(config: ml_collections.ConfigDict, teacher_model: str, teacher_dir: str) -> list:
+    """The distillation, pruning and quantization stages of one seed, from the teacher in ``teacher_dir``."""
+    stages = []
     for student in config.students:
         for method in config.kd_methods:
             c = _stage_config(config.kd, config)
-            c.model = student_model(teacher.model, student)
+            c.model = student_model(teacher_model, student)
             c.distill.method, c.distill.teacher_workdir = method, teacher_dir
             stages.append(Stage(f"kd_{student}_{method}", "distill", method, student, c))
     for kind in config.prune_kinds:
         task = f"prune_{kind}"
         for method in config.prune_methods:
             c = _stage_config(config[task], config)
-            c.model = teacher.model
+            c.model = teacher_model
             c.distill.method, c.distill.teacher_workdir = method, teacher_dir
             stages.append(Stage(f"{PRUNE_PREFIX[task]}_{method}", task, method, config=c))
     for bits in config.get("quant_bits", ()):
         for method in config.quant_methods:
             c = _stage_config(config.quantize, config)
-            c.model, c.quant.bits, c.quant.source_workdir = teacher.model, bits, ""  # the teacher itself
+            c.model, c.quant.bits, c.quant.source_workdir = teacher_model, bits, ""  # the teacher itself
             c.distill.method, c.distill.teacher_workdir = method, teacher_dir
             stages.append(Stage(f"quant_{bits}_{method}", "quantize", method, config=c, bits=bits))
+    return stages
+
+
+def plan(config: ml_collections.ConfigDict, root: Path) -> list[Stage]:
+    """Every stage of the sweep ``config`` in order (before ``config.only`` is applied): for each seed
+    offset of ``config.seeds``, its teacher (``config.teacher_per_seed``; otherwise one teacher, at offset
+    0, for every seed) and the compression stages distilled from it; then the evaluations and the report."""
+    per_seed_teacher = bool(config.get("teacher_per_seed", False))
+    teacher = _stage_config(config.teacher, config)
+    stages = [] if per_seed_teacher else [_seeded(Stage("teacher", "teacher", config=teacher), 0)]
+    for seed in seed_offsets(config):
+        if per_seed_teacher:
+            stages.append(_seeded(Stage("teacher", "teacher", config=copy.deepcopy(teacher)), seed))
+        teacher_dir = str(root / seed_name("teacher", seed if per_seed_teacher else 0))
+        stages += [_seeded(s, seed) for s in _compression_stages(config, teacher.model, teacher_dir)]
     stages.append(Stage("eval", "eval"))
     if config.table8_methods and config.students:
         stages.append(Stage("eval_methods", "eval_methods"))
@@ -102,6 +139,14 @@ def validate_sweep(config: ml_collections.ConfigDict, stages: list[Stage]) -> No
                 validate_config(s.config)
             except ConfigError as e:
                 raise ConfigError(f"stage {s.name}: {e}") from e
+    for s in stages:
+        cache_dir = s.config.get("distill", {}).get("teacher_cache_dir") if s.config is not None else ""
+        if cache_dir and len(seed_offsets(config)) > 1:
+            raise ConfigError(
+                f"stage {s.name}: one teacher_cache_dir cannot hold the caches of several seeds (each seed "
+                "draws its own crops); leave distill.teacher_cache_dir empty (a cache per seed, under the "
+                "teacher)."
+            )
     check_methods(config.eval_methods, "config.eval_methods")
     check_methods(config.table8_methods, "config.table8_methods")
     names = [s.name for s in stages]
@@ -138,36 +183,45 @@ def _log_stage(root: Path, name: str, **entry: Any) -> None:
     write_json_atomic(path, log)
 
 
-def _eval_runs(root: Path, stages: list[Stage], kind: str, config) -> list[Stage]:
+def _eval_groups(root: Path, stages: list[Stage], kind: str, config) -> list[tuple[int, list[Stage]]]:
+    """The finished runs an evaluation stage covers, one group per finished teacher (its seed offset,
+    the teacher first): every seed's runs with one shared teacher; each seed's with its own."""
     trained = [s for s in stages if s.config is not None and is_finished(root, s)]
-    if kind == "eval":
-        return trained
-    smallest = smallest_student(config.students)
-    wanted = ["teacher", f"kd_{smallest}_kd", f"kd_{smallest}_sswa"]
-    return [s for s in trained if s.name in wanted]
+    if kind == "eval_methods":
+        smallest = smallest_student(config.students)
+        trained = [s for s in trained if s.base in ("teacher", f"kd_{smallest}_kd", f"kd_{smallest}_sswa")]
+    teachers = [s for s in trained if s.kind == "teacher"]
+    if not bool(config.get("teacher_per_seed", False)):
+        return [(0, teachers + [s for s in trained if s.kind != "teacher"])] if teachers else []
+    return [
+        (t.seed, [t] + [s for s in trained if s.kind != "teacher" and s.seed == t.seed]) for t in teachers
+    ]
 
 
 def _run_eval(root: Path, stage: Stage, stages: list[Stage], config) -> str:
-    runs = _eval_runs(root, stages, stage.kind, config)
-    if not runs or runs[0].name != "teacher":
+    groups = _eval_groups(root, stages, stage.kind, config)
+    if not groups:
         return "skipped: the teacher is not trained yet"
     methods = tuple(config.eval_methods if stage.kind == "eval" else config.table8_methods)
-    out = root / stage.name
-    done = out / "localization.json"
-    names = [r.name for r in runs]
-    if done.exists():
-        previous = json.loads(done.read_text())
-        same = previous.get("run_order") == names and previous["methods"] == list(methods)
-        if same and previous.get("format") == evaluation.REPORT_FORMAT:
-            return "skipped: already covers these runs"
-    evaluation.localization_report(
-        [root / n for n in names],
-        methods=methods,
-        out_dir=out,
-        batch_size=config.eval_batch_size,
-        figure_images=config.figure_images,
-    )
-    return f"evaluated {len(names)} runs"
+    evaluated = 0
+    for seed, runs in groups:
+        out = eval_dir(root, stage.name, seed)
+        done = out / "localization.json"
+        names = [r.name for r in runs]
+        if done.exists():
+            previous = json.loads(done.read_text())
+            same = previous.get("run_order") == names and previous["methods"] == list(methods)
+            if same and previous.get("format") == evaluation.REPORT_FORMAT:
+                continue
+        evaluation.localization_report(
+            [root / n for n in names],
+            methods=methods,
+            out_dir=out,
+            batch_size=config.eval_batch_size,
+            figure_images=config.figure_images,
+        )
+        evaluated += len(names)
+    return f"evaluated {evaluated} runs" if evaluated else "skipped: already covers these runs"
 
 
 def run_sweep(config: ml_collections.ConfigDict, root: str | os.PathLike) -> Path:

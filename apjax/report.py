@@ -14,13 +14,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from apjax.attribution.methods import method_label
-from apjax.compress.matching import MATCHING_MAPS
 from apjax.compress.quantize import QUANT_SCHEMES
 from apjax.report_plots import plot_lines
-from apjax.stages import smallest_student, stage_results
+from apjax.report_seeds import (
+    INTERVAL_NOTE,
+    by_base,
+    fmt,
+    fmt_params,
+    group_metrics,
+    method_name,
+    paired_tables,
+    run_metrics,
+    seeds_title,
+)
+from apjax.report_seeds import table as _table
+from apjax.stages import base_name, smallest_student, stage_results
+from apjax.stats import finite as _finite
 from apjax.trainer.files import write_text_atomic
 
 # The paper's numbers on VOC 2012 (SPEC section 8). Rows: mAP, F1, AUC, Point, Cos, l2 (percent except
@@ -65,12 +75,6 @@ PAPER_TABLE8 = {
 PAPER_FIELDS = ("mAP", "F1", "AUC", "Point", "Cos", "l2")  # the order of the tuples above
 
 
-def method_name(method: str) -> str:
-    """A method's name in tables: KD, Naive, or the matching map's label from its registry entry."""
-    base = {"kd": "KD", "naive": "Naive"}
-    return base[method] if method in base else MATCHING_MAPS[method].label
-
-
 # The columns of Tables 2 and 4-7: (header, our key, the paper's field of the same quantity or None). The
 # paper's "mAP" is the reference's per-image AP and its F1 thresholds the logit at 0.5 (SPEC section 7):
 # its numbers stand beside those columns only; VOC mAP and F1 at probability 0.5 have no paper number.
@@ -84,7 +88,6 @@ COLUMNS = (
     ("Cos", "Cos", "Cos"),
     ("l2", "l2", "l2"),
 )
-PERCENT = ("mAP", "mAP_devkit", "per_image_AP", "F1", "F1_logit0.5", "AUC", "Point")
 # What each #Param column counts. The paper counts all parameters for the teacher, the KD students and
 # structured pruning (15.22M, 0.29M, 3.27M), but for unstructured pruning only the non-zero conv weights,
 # conv biases and BN scale and bias, without the head (0.53M at conv sparsity 1 - 0.8^15; SPEC section 6).
@@ -92,55 +95,10 @@ PARAMS_ALL = "#Param (non-zero parameters, head included)"
 PARAMS_CONV_BN = "#Param (non-zero conv weights + conv biases + BN, head excluded)"
 
 
-def _finite(v: Any) -> bool:
-    return v is not None and isinstance(v, int | float) and np.isfinite(v)
-
-
-def fmt(metric: str, v: Any) -> str:
-    """A table cell: percentages for the AP, F1, AUC and Point keys, 3 decimals for Cos, 2 for l2, '-' if
-    missing."""
-    if not _finite(v):
-        return "-"
-    if metric in PERCENT:
-        return f"{100 * v:.2f}"
-    return f"{v:.3f}" if metric == "Cos" else f"{v:.2f}"
-
-
-def fmt_params(n: Any) -> str:
-    if not _finite(n):
-        return "-"
-    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
-
-
 def _paper(field: str, v: Any) -> str:
     if v is None:
         return ""
     return f" ({v:.3f})" if field == "Cos" else f" ({v:.2f})"
-
-
-def run_metrics(evaluation: dict | None, name: str, method: str = "gradcam") -> dict[str, Any]:
-    """One run's numbers from a localisation report: the val classification metrics (``mAP``,
-    ``mAP_devkit``, ``per_image_AP``, ``F1``, ``F1_logit0.5``), ``AUC``, ``Point``, ``Cos``, ``l2``, the
-    parameter counts ``params_nonzero`` and ``params_conv_bn`` (see :data:`PARAMS_ALL`,
-    :data:`PARAMS_CONV_BN`), ``step`` and ``checkpoint`` (what chose it). Keys a report written by an
-    older apjax lacks are None."""
-    if not evaluation or name not in evaluation["runs"]:
-        return {}
-    r = evaluation["runs"][name]
-    m = r["methods"].get(method, {})
-    val = r["val"]
-    out = {k: val.get(k) for k in ("mAP", "mAP_devkit", "per_image_AP", "F1", "F1_logit0.5")}
-    out.update({k: m.get(k) for k in ("AUC", "Point", "Cos", "l2")})
-    out["params_nonzero"] = r.get("params_nonzero", r.get("params"))
-    out["params_conv_bn"] = r.get("params_conv_bn")
-    out["size_bytes"] = r.get("size_bytes")
-    out["step"] = r.get("step")
-    out["checkpoint"] = r.get("checkpoint")
-    return out
-
-
-def _row(cells: list[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
 
 
 def _metric_cells(m: dict, paper: tuple | None) -> list[str]:
@@ -156,10 +114,6 @@ def _params_cell(n: Any, paper: float | None) -> str:
     return fmt_params(n) + (f" ({paper / 1e6:.2f}M)" if paper else "")
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return [_row(header), "|" + "---|" * len(header), *[_row(r) for r in rows]]
-
-
 def _chosen_by(selection: dict | None) -> tuple[str, str]:
     """(criterion, value) cells of the checkpoint a run was evaluated at."""
     if not selection:
@@ -170,7 +124,11 @@ def _chosen_by(selection: dict | None) -> tuple[str, str]:
     return f"best val {metric}", fmt(metric, selection.get("best_value"))
 
 
-def _table1(ev: dict, smallest: str | None, voc: bool) -> list[str]:
+def _rows_title(title: str, rows: list[list[str]], n_col: int) -> str:
+    return seeds_title(title, [int(r[n_col]) for r in rows])
+
+
+def _table1(ev: dict, groups: dict, smallest: str | None, voc: bool) -> list[str]:
     """Table 1: the teacher and each compression without matching, and KD with SSWA (AUC, Point)."""
     lines: list[str] = []
     t1 = [("teacher", "Full (teacher)", "teacher")]
@@ -189,7 +147,7 @@ def _table1(ev: dict, smallest: str | None, voc: bool) -> list[str]:
     }
     rows = []
     for name, label, pkey in t1:
-        m = run_metrics(ev, name)
+        m = _metrics(ev, groups, name)
         if not m:
             continue
         p = paper1.get(name) if voc else None  # the paper's rows are the x8 student's
@@ -198,15 +156,17 @@ def _table1(ev: dict, smallest: str | None, voc: bool) -> list[str]:
         unstructured = pkey == "prune_u"
         cells = [
             label,
+            str(m["n"]),
             _params_cell(m["params_nonzero"], None if unstructured else paper_params),
             _params_cell(m["params_conv_bn"], paper_params if unstructured else None),
         ]
         for k, i in (("AUC", 0), ("Point", 1)):
             cells.append(fmt(k, m.get(k)) + (f" ({p[i]:.2f})" if p else ""))
         rows.append(cells)
-    lines += ["## Table 1: compression deforms attribution (Grad-CAM, pairs with correct predictions)", ""]
+    title = "Table 1: compression deforms attribution (Grad-CAM, pairs with correct predictions)"
+    lines += [f"## {_rows_title(title, rows, 1)}", ""]
     if rows:
-        lines += _table(["model", PARAMS_ALL, PARAMS_CONV_BN, "AUC", "Point"], rows)
+        lines += _table(["model", "n", PARAMS_ALL, PARAMS_CONV_BN, "AUC", "Point"], rows)
         if voc:
             lines += [
                 "",
@@ -221,48 +181,49 @@ def _table1(ev: dict, smallest: str | None, voc: bool) -> list[str]:
     return lines
 
 
-def _table2(ev: dict, stages, voc: bool) -> list[str]:
+def _metrics(ev: dict | None, groups: dict, base: str, method: str = "gradcam") -> dict:
+    """The numbers of the row ``base`` over its seeds (:func:`apjax.report_seeds.group_metrics`)."""
+    return group_metrics(ev, [s.name for s in groups.get(base, [])], method)
+
+
+def _table2(ev: dict, groups: dict, voc: bool) -> list[str]:
     """Table 2: the teacher and every distilled student."""
     lines: list[str] = []
     rows = []
     headers = [h for h, _, _ in COLUMNS]
-    teacher = run_metrics(ev, "teacher")
+    teacher = _metrics(ev, groups, "teacher")
     teacher_paper = tuple(PAPER_TEACHER.get(f) for f in PAPER_FIELDS) if voc else None
     if teacher:
         paper_params = PAPER_PARAMS["teacher"] if voc else None
         cells = _metric_cells(teacher, teacher_paper)
-        rows.append(["teacher", "-", _params_cell(teacher["params_nonzero"], paper_params), *cells])
-    for s in stages:
-        if s.kind != "distill":
-            continue
-        m = run_metrics(ev, s.name)
-        if not m:
+        n = str(teacher["n"])
+        rows.append(["teacher", "-", n, _params_cell(teacher["params_nonzero"], paper_params), *cells])
+    for base, (s, *_) in groups.items():
+        m = _metrics(ev, groups, base)
+        if s.kind != "distill" or not m:
             continue
         p = PAPER_KD.get((s.student, s.method)) if voc else None
         paper_params = PAPER_PARAMS["kd_x8"] if p and s.student == "x8" else None
-        cells = _metric_cells(m, p)
-        rows.append(
-            [s.student, method_name(s.method), _params_cell(m["params_nonzero"], paper_params), *cells]
-        )
-    lines += ["## Table 2: knowledge distillation (Grad-CAM at the last conv; Cos and l2 to the teacher)", ""]
-    lines += _table(["student", "method", PARAMS_ALL, *headers], rows)
+        cells = [str(m["n"]), _params_cell(m["params_nonzero"], paper_params), *_metric_cells(m, p)]
+        rows.append([s.student, method_name(s.method), *cells])
+    title = "Table 2: knowledge distillation (Grad-CAM at the last conv; Cos and l2 to the teacher)"
+    lines += [f"## {_rows_title(title, rows, 2)}", ""]
+    lines += _table(["student", "method", "n", PARAMS_ALL, *headers], rows)
     lines.append("")
 
     return lines
 
 
-def _pruning_tables(ev: dict, stages, voc: bool) -> list[str]:
+def _pruning_tables(ev: dict, groups: dict, voc: bool) -> list[str]:
     """Tables 4-5 and 6-7: unstructured and structured pruning, one row per method."""
     lines: list[str] = []
     headers = [h for h, _, _ in COLUMNS]
     pruning = (("prune_u", "Tables 4-5: unstructured pruning"), ("prune_s", "Tables 6-7: structured pruning"))
     for prefix, title in pruning:
         rows = []
-        for s in stages:
-            if not s.name.startswith(prefix + "_"):
-                continue
-            m = run_metrics(ev, s.name)
-            if not m:
+        for base, (s, *_) in groups.items():
+            m = _metrics(ev, groups, base)
+            if not base.startswith(prefix + "_") or not m:
                 continue
             p = PAPER_PRUNE[prefix][s.method] if voc else None
             paper_params = PAPER_PARAMS[prefix] if p else None
@@ -273,33 +234,35 @@ def _pruning_tables(ev: dict, stages, voc: bool) -> list[str]:
                 ]
             else:
                 counts = [_params_cell(m["params_nonzero"], paper_params)]
-            rows.append([method_name(s.method), *counts, *_metric_cells(m, p)])
+            rows.append([method_name(s.method), str(m["n"]), *counts, *_metric_cells(m, p)])
         if rows:
             count_headers = [PARAMS_ALL, PARAMS_CONV_BN] if prefix == "prune_u" else [PARAMS_ALL]
-            lines += [f"## {title}", ""]
-            lines += _table(["method", *count_headers, *headers], rows)
+            lines += [f"## {_rows_title(title, rows, 1)}", ""]
+            lines += _table(["method", "n", *count_headers, *headers], rows)
             lines.append("")
 
     return lines
 
 
-def _quantization_table(ev: dict, stages) -> list[str]:
+def _quantization_table(ev: dict, groups: dict) -> list[str]:
     """Quantization: the float teacher and each quantized run, with the bytes each stores."""
-    teacher = run_metrics(ev, "teacher")
+    teacher = _metrics(ev, groups, "teacher")
     runs = [(("float32 (teacher)", "-"), teacher)] if teacher else []
-    for s in stages:
-        if s.kind == "quantize" and run_metrics(ev, s.name):
-            runs.append(((QUANT_SCHEMES[s.bits].label, method_name(s.method)), run_metrics(ev, s.name)))
+    for base, (s, *_) in groups.items():
+        if s.kind == "quantize" and _metrics(ev, groups, base):
+            runs.append(((QUANT_SCHEMES[s.bits].label, method_name(s.method)), _metrics(ev, groups, base)))
     if len(runs) < 1 + bool(teacher):  # no quantized run
         return []
-    base = (teacher or {}).get("size_bytes")
+    base_size = teacher["size_bytes"].mean if teacher and teacher["size_bytes"] else None
     rows = []
     for label, m in runs:
-        size = m.get("size_bytes")
-        ratio = f"{100 * size / base:.1f}%" if _finite(size) and _finite(base) else "-"
-        rows.append([*label, f"{size:,}" if _finite(size) else "-", ratio, *_metric_cells(m, None)])
-    header = ["scheme", "method", "size (bytes)", "of the teacher's", *(h for h, _, _ in COLUMNS)]
-    lines = ["## Quantization (quantization-aware training of the teacher; not in the paper)", ""]
+        size = m["size_bytes"].mean if m["size_bytes"] else None
+        ratio = f"{100 * size / base_size:.1f}%" if _finite(size) and _finite(base_size) else "-"
+        size_cell = f"{round(size):,}" if _finite(size) else "-"
+        rows.append([*label, str(m["n"]), size_cell, ratio, *_metric_cells(m, None)])
+    header = ["scheme", "method", "n", "size (bytes)", "of the teacher's", *(h for h, _, _ in COLUMNS)]
+    title = "Quantization (quantization-aware training of the teacher; not in the paper)"
+    lines = [f"## {_rows_title(title, rows, 2)}", ""]
     note = (
         "Size: what the model stores, quantized kernels packed at their bits with a float32 scale per output "
         "channel, every bias, BatchNorm parameter and statistic in float32. Grad-CAM runs through the "
@@ -309,22 +272,28 @@ def _quantization_table(ev: dict, stages) -> list[str]:
 
 
 def _table8(ev8: dict, smallest: str | None, voc: bool) -> list[str]:
-    """Table 8: other attribution methods on the teacher and the smallest student without and with SSWA."""
+    """Table 8: other attribution methods on the teacher and the smallest student without and with SSWA
+    (a column pair per run, over its seeds)."""
     if not ev8:
         return []
-    names = ev8["run_order"]
+    bases = list(dict.fromkeys(base_name(n) for n in ev8["run_order"]))
+    names = {b: [n for n in ev8["run_order"] if base_name(n) == b] for b in bases}
     rows = []
     for method in ev8["methods"]:
         cells = [method_label(method)]
-        for j, n in enumerate(names):
-            m = run_metrics(ev8, n, method)
+        for j, b in enumerate(bases):
+            m = group_metrics(ev8, names[b], method)
             p = PAPER_TABLE8.get(method, (None,) * 3)[min(j, 2)] if voc and smallest == "x8" else None
             for k, i in (("AUC", 0), ("Point", 1)):
                 cells.append(fmt(k, m.get(k)) + (f" ({p[i]:.2f})" if p else ""))
         rows.append(cells)
-    header = ["method"] + [f"{n} {k}" for n in names for k in ("AUC", "Point")]
-    lines = [f"## Table 8: other attribution methods (teacher, KD {smallest}, KD {smallest} + SSWA)", ""]
-    return [*lines, *_table(header, rows), ""]
+    header = ["method"] + [f"{b} {k}" for b in bases for k in ("AUC", "Point")]
+    title = seeds_title(
+        f"Table 8: other attribution methods (teacher, KD {smallest}, KD {smallest} + SSWA)",
+        [len(v) for v in names.values()],
+    )
+    seeds = "; ".join(f"{b}: n = {len(v)}" for b, v in names.items())
+    return [f"## {title}", "", *_table(header, rows), "", f"Seeds per run: {seeds}.", ""]
 
 
 def _checkpoints_table(ev: dict) -> list[str]:
@@ -345,31 +314,36 @@ def tables(config, stages, results: dict, voc: bool) -> list[str]:
     """The Markdown of Tables 1, 2, 4-7 and 8 for the finished stages, and the checkpoints they used."""
     ev, ev8 = results["eval"], results["eval_methods"]
     smallest = smallest_student(config.students)
+    groups = by_base(stages)
     return [
-        *_table1(ev, smallest, voc),
-        *_table2(ev, stages, voc),
-        *_pruning_tables(ev, stages, voc),
-        *_quantization_table(ev, stages),
+        *_table1(ev, groups, smallest, voc),
+        *_table2(ev, groups, voc),
+        *_pruning_tables(ev, groups, voc),
+        *_quantization_table(ev, groups),
+        *paired_tables(ev, stages),
         *_table8(ev8, smallest, voc),
         *_checkpoints_table(ev),
     ]
 
 
 def plot_against_params(root: Path, stages, results: dict) -> list[str]:
-    """``figures/auc_vs_params.png`` and ``figures/cos_vs_params.png``: one line per compression method
+    """``figures/auc_vs_params.png`` and ``figures/cos_vs_params.png``: one line per compression method, a
+    point per stage at the mean over its seeds with its 95% t interval as an error bar when n > 1
     (:func:`apjax.report_plots.plot_lines`); returns the written paths relative to ``root``."""
     ev = results["eval"]
     if not ev:
         return []
     points: dict[str, list] = {}
     kinds = {"distill": "KD", "prune_unstructured": "unstructured", "prune_structured": "structured"}
-    for s in stages:
-        m = run_metrics(ev, s.name)
-        if s.kind in kinds and m:
+    groups = by_base(stages)
+    for base, (s, *_) in groups.items():
+        m = _metrics(ev, groups, base)
+        if s.kind in kinds and m and m["params_nonzero"]:
             label = f"{kinds[s.kind]}: {method_name(s.method)}"
-            points.setdefault(label, []).append((m["params_nonzero"], m["AUC"], m["Cos"]))
-    teacher = run_metrics(ev, "teacher")
-    return plot_lines(root, points, (teacher["params_nonzero"], teacher.get("AUC")) if teacher else None)
+            points.setdefault(label, []).append((m["params_nonzero"].mean, m["AUC"], m["Cos"]))
+    teacher = _metrics(ev, groups, "teacher")
+    star = (teacher["params_nonzero"].mean, teacher["AUC"]) if teacher and teacher["params_nonzero"] else None
+    return plot_lines(root, points, star)
 
 
 def write_report(config, root: Path, stages) -> Path:
@@ -387,6 +361,7 @@ def write_report(config, root: Path, stages) -> Path:
         "(the reference's threshold, the paper's F1). AUC and Point (pointing accuracy) of Grad-CAM on "
         "segmentation_val over the pairs (image, class) with the class present and predicted; Cos and l2 "
         "compare a run's map with the teacher's (min-max normalised) on the pairs both predict.",
+        INTERVAL_NOTE,
     ]
     if voc:
         lines.append(

@@ -24,7 +24,9 @@ finished stages. Choose stages with ``--config.only=teacher,kd_x8_*`` (glob patt
 configs are ``config.teacher``, ``config.kd``, ``config.prune_unstructured``, ``config.prune_structured`` and
 ``config.quantize`` (override any field, e.g. ``--config.kd.num_epochs=100``); ``config.data`` is shared by
 all stages. ``config.quant_bits`` and ``config.quant_methods`` choose the quantization stages
-(``quant_<bits>_<method>``; none in the demo).
+(``quant_<bits>_<method>``; none in the demo). ``config.seeds`` (seed offsets, default ``(0,)``) repeats
+every training stage per seed (``kd_x2_sswa``, ``kd_x2_sswa@s1``, ...) and the report gives means with
+95% t intervals and paired differences; ``config.teacher_per_seed`` trains a teacher per seed too.
 """
 
 from __future__ import annotations
@@ -55,6 +57,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.variant = variant
     c.only = ""  # comma-separated glob patterns over stage names; '' = every stage
     c.distributed = False
+    # Seed offsets: every training stage runs once per offset k with its own config's seed + k, in the
+    # workdir <stage> for k = 0 (where a sweep without seeds has it) and <stage>@s<k> otherwise; the report
+    # shows each number's mean over the seeds with its 95% Student t interval (n = 1: the value alone).
+    # E.g. --config.seeds="(0,1,2)".
+    c.seeds = (0,)
+    # False: one teacher (offset 0) for every seed's students (cheaper; the teacher's row has n = 1).
+    # True: a teacher per seed (teacher@s<k>), each seed's students distilled from and compared with it.
+    c.teacher_per_seed = False
     c.data = data_config("voc" if variant == "paper" else "synthetic", variant != "paper", None)
 
     c.students = ("x2", "x4", "x8")

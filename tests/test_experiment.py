@@ -164,5 +164,172 @@ def test_voc_tables_put_each_paper_number_beside_the_same_quantity(tmp_path):
     assert cell(md, ["Naive"], report.PARAMS_CONV_BN) == "0.53M (0.53M)"
     assert cell(md, ["Naive"], "per-image AP (paper's mAP)") == "82.30 (87.42)"
     assert cell(md, ["Naive"], "Cos") == "0.800 (0.790)"
-    assert md.count("| Naive | 3.27M (3.27M) |") == 1
+    assert md.count("| Naive | 1 | 3.27M (3.27M) |") == 1
     assert cell(md, ["prune_s_naive", "10"], "chosen by") == "best val per_image_AP"
+
+
+def test_seeds_repeat_every_training_stage_and_keep_the_first_seeds_workdirs(tmp_path):
+    c = paper.get_config("demo")
+    c.seeds = (0, 1)
+    stages = experiment.plan(c, tmp_path)
+    train = [
+        (s.name, s.seed, s.config.seed, s.config.get("distill", {}).get("teacher_workdir"))
+        for s in stages
+        if s.config
+    ]
+    teacher = str(tmp_path / "teacher")
+    assert train == [
+        ("teacher", 0, 3, None),  # one teacher (offset 0) for every seed's students
+        ("kd_x2_kd", 0, 42, teacher),
+        ("kd_x2_sswa", 0, 42, teacher),
+        ("kd_x2_kd@s1", 1, 43, teacher),
+        ("kd_x2_sswa@s1", 1, 43, teacher),
+    ]
+    assert [s.base for s in stages if s.config][-1] == "kd_x2_sswa"
+    assert [s.name for s in stages if not s.config] == ["eval", "report"]
+    assert [s.name for s in experiment.selected(stages, "kd_x2_sswa*")] == ["kd_x2_sswa", "kd_x2_sswa@s1"]
+    c.teacher_per_seed = True
+    names = [
+        (s.name, s.config.get("distill", {}).get("teacher_workdir"))
+        for s in experiment.plan(c, tmp_path)
+        if s.config
+    ]
+    assert names[3] == ("teacher@s1", None)
+    assert names[4] == ("kd_x2_kd@s1", str(tmp_path / "teacher@s1"))
+    c.seeds = (0, 0)
+    with pytest.raises(ValueError, match="config.seeds must be distinct non-negative integers"):
+        experiment.plan(c, tmp_path)
+
+
+def fake_run(auc, cos, ap=0.8, params=1000):
+    val = {"mAP": ap, "mAP_devkit": ap, "per_image_AP": ap, "F1": 0.6, "F1_logit0.5": 0.6}
+    gradcam = {"AUC": auc, "Point": auc - 0.1, "Cos": cos, "l2": 10 * (1 - cos)}
+    return {
+        "val": val,
+        "methods": {"gradcam": gradcam},
+        "params_nonzero": params,
+        "params_conv_bn": params,
+        "step": 5,
+        "checkpoint": {"checkpoint": "best", "best_metric": "mAP", "best_value": ap},
+    }
+
+
+def test_seeded_report_shows_means_with_t_intervals_and_paired_differences(tmp_path):
+    import numpy as np
+    from scipy import stats as sps
+
+    c = paper.get_config("demo")
+    c.seeds, c.prune_kinds, c.prune_methods = (0, 1, 2), ("unstructured",), ("naive", "sswa")
+    stages = experiment.plan(c, tmp_path)
+    auc = {"kd": [0.70, 0.74, 0.69], "sswa": [0.80, 0.81, 0.83]}
+    cos = {"kd": [0.60, 0.65, 0.58], "sswa": [0.85, 0.88, 0.84]}
+    runs = {"teacher": fake_run(0.85, float("nan"), params=4000)}
+    for k, suffix in enumerate(("", "@s1", "@s2")):
+        for m in ("kd", "sswa"):
+            runs[f"kd_x2_{m}{suffix}"] = fake_run(auc[m][k], cos[m][k], ap=0.7 + 0.01 * k)
+        runs[f"prune_u_naive{suffix}"] = fake_run(0.75, 0.7 + 0.01 * k)
+        if k < 2:  # one seed of pruning with SSWA is missing: its row and pairs have n = 2
+            runs[f"prune_u_sswa{suffix}"] = fake_run(0.80, 0.9 - 0.03 * k)
+    ev = {"run_order": list(runs), "runs": runs}
+    md = "\n".join(report.tables(c, stages, {"eval": ev, "eval_methods": None}, voc=False))
+
+    def interval(xs, scale):
+        xs = np.asarray(xs) * scale
+        half = sps.t.ppf(0.975, len(xs) - 1) * xs.std(ddof=1) / np.sqrt(len(xs))
+        return xs.mean(), half
+
+    mean, half = interval(auc["sswa"], 100)
+    assert cell(md, ["x2", "SSWA"], "AUC") == f"{mean:.2f} ± {half:.2f}"
+    assert cell(md, ["x2", "SSWA"], "n") == "3"
+    mean, half = interval(cos["kd"], 1)
+    assert cell(md, ["x2", "KD"], "Cos") == f"{mean:.3f} ± {half:.3f}"
+    # The shared teacher is one run: its value alone, n = 1.
+    assert cell(md, ["teacher", "-"], "AUC") == "85.00" and cell(md, ["teacher", "-"], "n") == "1"
+    assert (
+        "## Table 2: knowledge distillation (Grad-CAM at the last conv; Cos and l2 to the teacher) (mean ± "
+        in md
+    )
+    assert cell(md, ["Naive"], "n") == "3" and cell(md, ["SSWA"], "n") == "2"
+
+    # Paired differences, computed here from the per-seed numbers.
+    assert "## Paired differences (matching minus KD, same seed) (mean ± 95% t interval over n seeds)" in md
+    mean, half = interval(np.subtract(auc["sswa"], auc["kd"]), 100)
+    assert cell(md, ["x2", "SSWA - KD"], "AUC") == f"{mean:+.2f} ± {half:.2f}"
+    mean, half = interval(np.subtract(cos["sswa"], cos["kd"]), 1)
+    assert cell(md, ["x2", "SSWA - KD"], "Cos") == f"{mean:+.3f} ± {half:.3f}"
+    mean, half = interval(10 * (1 - np.array(cos["sswa"])) - 10 * (1 - np.array(cos["kd"])), 1)
+    assert cell(md, ["x2", "SSWA - KD"], "l2") == f"{mean:+.2f} ± {half:.2f}"
+    assert cell(md, ["x2", "SSWA - KD"], "VOC mAP") == "+0.00 ± 0.00"  # the same AP on each seed
+    row = ["unstructured pruning", "SSWA - Naive"]
+    mean, half = interval([0.9 - 0.7, 0.87 - 0.71], 1)  # seeds 0 and 1 only
+    assert cell(md, row, "n") == "2" and cell(md, row, "Cos") == f"{mean:+.3f} ± {half:.3f}"
+    assert report.plot_against_params(tmp_path, stages, {"eval": ev}) == [
+        "figures/auc_vs_params.png",
+        "figures/cos_vs_params.png",
+    ]
+
+    # One seed: the values alone and (n = 1) in the titles, no interval anywhere.
+    c.seeds = (0,)
+    stages = experiment.plan(c, tmp_path)
+    md = "\n".join(report.tables(c, stages, {"eval": ev, "eval_methods": None}, voc=False))
+    assert cell(md, ["x2", "SSWA"], "AUC") == "80.00"
+    assert not [line for line in md.splitlines() if line.startswith("|") and "±" in line]
+    assert "## Paired differences (matching minus KD, same seed) (n = 1)" in md
+    assert cell(md, ["x2", "SSWA - KD"], "AUC") == "+10.00"
+
+
+def test_eval_covers_every_seed_with_a_report_per_teacher(tmp_path, monkeypatch):
+    from apjax import evaluation
+    from apjax import stages as stages_mod
+
+    c = paper.get_config("demo")
+    c.seeds, c.teacher_per_seed = (0, 1), True
+    root = tmp_path / "sweep"
+    plan = experiment.plan(c, root)
+    for name in (
+        "teacher",
+        "kd_x2_kd",
+        "kd_x2_sswa",
+        "teacher@s1",
+        "kd_x2_kd@s1",
+    ):  # kd_x2_sswa@s1 unfinished
+        (root / name).mkdir(parents=True)
+        (root / name / "final_metrics.json").write_text("{}")
+    calls = []
+
+    def fake_report(workdirs, methods, out_dir, **_):
+        names = [w.name for w in workdirs]
+        calls.append((out_dir.relative_to(root).as_posix(), names))
+        runs = {n: fake_run(0.8, 0.9) for n in names}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        report = {
+            "runs": runs,
+            "run_order": names,
+            "methods": list(methods),
+            "format": evaluation.REPORT_FORMAT,
+        }
+        (out_dir / "localization.json").write_text(json.dumps(report))
+
+    monkeypatch.setattr(evaluation, "localization_report", fake_report)
+    eval_stage = next(s for s in plan if s.name == "eval")
+    assert experiment._run_eval(root, eval_stage, plan, c) == "evaluated 5 runs"
+    # Each seed's students are compared with their own seed's teacher.
+    assert calls == [
+        ("eval", ["teacher", "kd_x2_kd", "kd_x2_sswa"]),
+        ("eval/s1", ["teacher@s1", "kd_x2_kd@s1"]),
+    ]
+    merged = stages_mod.stage_results(root, plan)["eval"]
+    assert merged["run_order"] == ["teacher", "kd_x2_kd", "kd_x2_sswa", "teacher@s1", "kd_x2_kd@s1"]
+    assert experiment._run_eval(root, eval_stage, plan, c) == "skipped: already covers these runs"
+    md = "\n".join(report.tables(c, plan, {"eval": merged, "eval_methods": None}, voc=False))
+    assert cell(md, ["teacher", "-"], "n") == "2" and cell(md, ["x2", "SSWA"], "n") == "1"
+    # One shared teacher: one report of every seed's runs.
+    c.teacher_per_seed = False
+    plan = experiment.plan(c, root)
+    groups = experiment._eval_groups(root, plan, "eval", c)
+    assert [(seed, [s.name for s in runs]) for seed, runs in groups] == [
+        (0, ["teacher", "kd_x2_kd", "kd_x2_sswa", "kd_x2_kd@s1"])
+    ]
+    c.kd.distill.teacher_cache_dir = "/tmp/cache"
+    with pytest.raises(ValueError, match="one teacher_cache_dir cannot hold the caches of several seeds"):
+        experiment.validate_sweep(c, experiment.plan(c, root))

@@ -1,0 +1,180 @@
+"""The report's numbers over a sweep's seeds: each table row's runs (a stage at every seed offset), the
+mean of each number with its 95% Student t interval as a cell (:mod:`apjax.stats`), the Markdown table
+helpers, and the paired-difference tables (a matching method minus KD or naive on the same seed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from apjax.compress.matching import MATCHING_MAPS
+from apjax.compress.quantize import QUANT_SCHEMES
+from apjax.stages import Stage
+from apjax.stats import Interval, finite, mean_interval, paired_difference
+
+PERCENT = ("mAP", "mAP_devkit", "per_image_AP", "F1", "F1_logit0.5", "AUC", "Point")
+# The numbers a row aggregates over seeds (the rest, step and checkpoint, describe one run).
+NUMBERS = (
+    "mAP",
+    "mAP_devkit",
+    "per_image_AP",
+    "F1",
+    "F1_logit0.5",
+    "AUC",
+    "Point",
+    "Cos",
+    "l2",
+    "params_nonzero",
+    "params_conv_bn",
+    "size_bytes",
+)
+# The paired tables' columns: (header, key).
+PAIRED_COLUMNS = (
+    ("VOC mAP", "mAP"),
+    ("per-image AP", "per_image_AP"),
+    ("AUC", "AUC"),
+    ("Point", "Point"),
+    ("Cos", "Cos"),
+    ("l2", "l2"),
+)
+INTERVAL_NOTE = (
+    "Seeds: each cell is the mean over the row's n seeds (column n) ± the half-width of its two-sided 95% "
+    "Student t interval, t_{0.975, n-1} * s / sqrt(n) with the sample standard deviation s; a row of one "
+    "seed shows its value alone, and a table of single runs says (n = 1) in its title."
+)
+
+
+def method_name(method: str) -> str:
+    """A method's name in tables: KD, Naive, or the matching map's label from its registry entry."""
+    base = {"kd": "KD", "naive": "Naive"}
+    return base[method] if method in base else MATCHING_MAPS[method].label
+
+
+def fmt(metric: str, v: Any, signed: bool = False) -> str:
+    """A table cell: percentages for the AP, F1, AUC and Point keys, 3 decimals for Cos, 2 for l2, '-' if
+    missing; an :class:`~apjax.stats.Interval` of n > 1 as ``mean ± half-width``, of n = 1 as its value.
+    ``signed``: a sign before every number (differences)."""
+    if isinstance(v, Interval):
+        if v.n == 1:
+            return fmt(metric, v.mean, signed)
+        return f"{fmt(metric, v.mean, signed)} ± {fmt(metric, v.half)}"
+    if not finite(v):
+        return "-"
+    sign = "+" if signed else ""
+    if metric in PERCENT:
+        return f"{100 * v:{sign}.2f}"
+    return f"{v:{sign}.3f}" if metric == "Cos" else f"{v:{sign}.2f}"
+
+
+def fmt_params(n: Any) -> str:
+    """A parameter count (the mean over seeds of an :class:`~apjax.stats.Interval`)."""
+    n = n.mean if isinstance(n, Interval) else n
+    if not finite(n):
+        return "-"
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
+
+
+def run_metrics(evaluation: dict | None, name: str, method: str = "gradcam") -> dict[str, Any]:
+    """One run's numbers from a localisation report: the val classification metrics (``mAP``,
+    ``mAP_devkit``, ``per_image_AP``, ``F1``, ``F1_logit0.5``), ``AUC``, ``Point``, ``Cos``, ``l2``, the
+    parameter counts ``params_nonzero`` and ``params_conv_bn``, ``size_bytes``, ``step`` and
+    ``checkpoint`` (what chose it). Keys a report written by an older apjax lacks are None."""
+    if not evaluation or name not in evaluation["runs"]:
+        return {}
+    r = evaluation["runs"][name]
+    m = r["methods"].get(method, {})
+    val = r["val"]
+    out = {k: val.get(k) for k in ("mAP", "mAP_devkit", "per_image_AP", "F1", "F1_logit0.5")}
+    out.update({k: m.get(k) for k in ("AUC", "Point", "Cos", "l2")})
+    out["params_nonzero"] = r.get("params_nonzero", r.get("params"))
+    out["params_conv_bn"] = r.get("params_conv_bn")
+    out["size_bytes"] = r.get("size_bytes")
+    out["step"] = r.get("step")
+    out["checkpoint"] = r.get("checkpoint")
+    return out
+
+
+def group_metrics(evaluation: dict | None, names: list[str], method: str = "gradcam") -> dict[str, Any]:
+    """The numbers of the evaluated runs among ``names`` (one stage's seeds): each key of :data:`NUMBERS`
+    as an :class:`~apjax.stats.Interval` (None when no run has it) and ``n``, the runs found; {} if none."""
+    runs = [m for m in (run_metrics(evaluation, n, method) for n in names) if m]
+    if not runs:
+        return {}
+    return {"n": len(runs), **{k: mean_interval(m.get(k) for m in runs) for k in NUMBERS}}
+
+
+def by_base(stages: list[Stage]) -> dict[str, list[Stage]]:
+    """The training stages grouped by their name without the seed suffix (a table row), in sweep order."""
+    groups: dict[str, list[Stage]] = {}
+    for s in stages:
+        if s.config is not None:
+            groups.setdefault(s.base, []).append(s)
+    return groups
+
+
+def seeds_title(title: str, ns: list[int]) -> str:
+    """A table's title: ``(n = 1)`` when every row is a single run, else a pointer to the interval."""
+    return f"{title} (n = 1)" if all(n == 1 for n in ns) else f"{title} (mean ± 95% t interval over n seeds)"
+
+
+def row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [row(header), "|" + "---|" * len(header), *[row(r) for r in rows]]
+
+
+def _paired_rows(ev: dict, comparisons) -> list[list[str]]:
+    """A row per (label, method stages, baseline stages): each column's mean difference over the seeds
+    both ran, with its t interval, and n."""
+    rows = []
+    for label, name, method_stages, base_stages in comparisons:
+        per_seed = lambda stages: {s.seed: run_metrics(ev, s.name) for s in stages}  # noqa: E731
+        a = {k: m for k, m in per_seed(method_stages).items() if m}
+        b = {k: m for k, m in per_seed(base_stages).items() if m}
+        if not set(a) & set(b):
+            continue
+        diffs = [
+            paired_difference(*({k: m[key] for k, m in x.items()} for x in (a, b)))
+            for _, key in PAIRED_COLUMNS
+        ]
+        n = max((d.n for d in diffs if d), default=0)
+        cells = [fmt(key, d, signed=True) for (_, key), d in zip(PAIRED_COLUMNS, diffs, strict=True)]
+        rows.append([label, name, str(n), *cells])
+    return rows
+
+
+def paired_tables(ev: dict | None, stages: list[Stage]) -> list[str]:
+    """ "Paired differences (matching minus KD, same seed)" per student size, and the same for pruning and
+    quantization against naive: the mean over seeds of (method - baseline) on the same seed, ± its 95%
+    t interval."""
+    if not ev:
+        return []
+    groups = by_base(stages)
+    kd, other = [], []
+    for base, group in groups.items():
+        s = group[0]
+        if s.kind == "distill" and s.method != "kd" and f"kd_{s.student}_kd" in groups:
+            kd.append((s.student, f"{method_name(s.method)} - KD", group, groups[f"kd_{s.student}_kd"]))
+        baseline = base.rsplit("_", 1)[0] + "_naive"
+        if s.kind != "distill" and s.method != "naive" and baseline in groups:
+            kind = {"prune_unstructured": "unstructured pruning", "prune_structured": "structured pruning"}
+            label = kind.get(s.kind) or QUANT_SCHEMES[s.bits].label
+            other.append((label, f"{method_name(s.method)} - Naive", group, groups[baseline]))
+    lines = []
+    header = ["compression", "difference", "n", *(h for h, _ in PAIRED_COLUMNS)]
+    for title, comparisons in (("matching minus KD", kd), ("matching minus naive", other)):
+        rows = _paired_rows(ev, comparisons)
+        if rows:
+            full = seeds_title(f"Paired differences ({title}, same seed)", [int(r[2]) for r in rows])
+            lines += [f"## {full}", "", *table(header, rows), ""]
+    if lines:
+        lines += [
+            "Each row: for every seed with both runs, the method's number minus the baseline's on that seed "
+            "(percentage points for mAP, AP, AUC and Point); the mean of these differences ± the half-width "
+            "of its 95% Student t interval over the n seeds (a paired t interval). An interval that excludes "
+            "0 says the method changes the number on these seeds beyond their seed-to-seed spread; for l2 "
+            "lower is better.",
+            "",
+        ]
+    return lines
