@@ -157,8 +157,8 @@ def _task() -> Task:
 
 def _config(**overrides) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict(
-        dict(task="toy", num_epochs=3, lr_decay_epochs=(), best_metric="mAP", log_every_steps=2, eval_every_epochs=1,
-             checkpoint_every_epochs=1, tensorboard=True)
+        dict(task="toy", num_epochs=3, lr_decay_epochs=(), best_metric="mAP", log_every_steps=2,
+             eval_every_epochs=1, checkpoint_every_epochs=1, tensorboard=True)
     )  # fmt: skip
     c.update(overrides)
     return c
