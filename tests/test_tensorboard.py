@@ -194,6 +194,8 @@ def test_resume_after_a_kill_appends_without_duplicate_steps(tmp_path, monkeypat
     got = assert_scalars_match(workdir)  # ... and TensorBoard sees each once, equal to metrics.jsonl
     assert sorted(k for k in got if k[0] == "maps") == [("maps", 3), ("maps", 6), ("maps", 9)]
     assert got["maps", 9][:2] == (6, 4)
+    _train(_config(), workdir)  # finished: nothing to train, no new event file
+    assert len(list((workdir / SUBDIR).iterdir())) == 2
 
 
 def test_tensorboard_false_writes_nothing_and_toggling_it_still_resumes(tmp_path):

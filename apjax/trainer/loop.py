@@ -200,7 +200,8 @@ def run_training(
         log = MetricsLog(workdir)
         start = int(jax.device_get(state.step))
         log.truncate_after(start)  # rows a killed run logged after its last checkpoint are logged again
-        tb = TensorBoardLog(workdir, config.get("tensorboard", True), start)  # the same, for its events
+        # The same for its TensorBoard events (none when nothing is left to train).
+        tb = TensorBoardLog(workdir, config.get("tensorboard", True) and start < total_steps, start)
         with jax.set_mesh(mesh):
             bar = tqdm(
                 total=total_steps, initial=start, disable=not is_main, desc=desc or config.task, unit="step"

@@ -47,6 +47,7 @@ class MapGrid:
         self.size = min(image_size, tile)  # maps are drawn at most tile x tile
         self.image_size = image_size
         self._fns: dict[int, Any] = {}
+        self._images: dict[int, tuple] = {}  # id(cache) -> its first n images and extents, read once
         self._reference_vars = None
 
     def _maps_fn(self, model):
@@ -77,8 +78,11 @@ class MapGrid:
         def put(tree):  # host copies (the state may be replicated over processes), then one device
             return jax.device_put(jax.device_get(tree), device)
 
-        n = min(self.n, len(cache))
-        images, extents = put(np.asarray(cache.images[:n])), put(np.asarray(cache.extents[:n]))
+        if id(cache) not in self._images:
+            rows = np.arange(min(self.n, len(cache)))
+            self._images[id(cache)] = (put(np.asarray(cache.images[rows])), put(cache.extents[rows]))
+        images, extents = self._images[id(cache)]
+        n = len(images)
         columns, seed = [], None
         if self.reference is not None:
             if self._reference_vars is None:
