@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from apjax import evaluators
 from apjax.attribution.methods import check_methods, method_label
+from apjax.attribution.overlay import overlay
 from apjax.compress.quantize import model_size_bytes, quant_bits_of
 from apjax.compress.unstructured import count_nonzero_params
 from apjax.data import class_names
@@ -255,7 +256,8 @@ def _figure_pairs(teacher_pairs: np.ndarray, n: int) -> np.ndarray:
 
 
 def _figure(runs, locs, ctx: EvalContext, teacher_pairs, n, method, out_dir) -> str | None:
-    """A PNG per method: for n images, the image, its mask and each run's map for the teacher's class."""
+    """A PNG per method: for n images, the image, its mask and each run's map for the teacher's class,
+    overlaid on the image (a semi-transparent colormap of the min-max scaled map over its RGB pixels)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -283,7 +285,7 @@ def _figure(runs, locs, ctx: EvalContext, teacher_pairs, n, method, out_dir) -> 
             (image, "image", None),
             ((masks[i] == k + 1).astype(np.float32), f"mask: {names[k]}", "gray"),
         ]
-        panels += [(maps[r.name][row], r.name, "jet") for r in runs]
+        panels += [(overlay(image, maps[r.name][row]), r.name, None) for r in runs]
         for col, (panel, title, cmap) in enumerate(panels):
             ax = axes[row, col]
             ax.imshow(panel, cmap=cmap)

@@ -124,7 +124,7 @@ def set_recipe(
     """Sets a training recipe (SPEC section 6) on ``c``: SGD with weight decay 1e-4 (torch-style), a
     piecewise-constant learning rate multiplied by ``lr_decay_factor`` at each of ``lr_decay_epochs``
     (none: constant), a global ``batch_size`` over all devices, the logging and checkpoint cadence, the
-    extra evaluators ``evals`` (none), and
+    extra evaluators ``evals`` (none), ``tensorboard`` (True: event files in ``<workdir>/tensorboard/``), and
     ``best_metric``, the val metric that picks the best checkpoint: ``mAP`` (VOC mAP, sklearn's AP),
     ``mAP_devkit`` (VOC mAP, the devkit's AP) or ``per_image_AP`` (the reference's criterion, the paper's
     "mAP"; ``configs/paper.py`` uses it on VOC)."""
@@ -143,6 +143,8 @@ def set_recipe(
     # name -> options, e.g. evals.localization = dict(methods=("gradcam",)); none by default.
     c.evals = ml_collections.ConfigDict()
     c.distributed = False  # call jax.distributed.initialize() (multi-process runs)
+    # Scalars and a maps picture at each evaluation in <workdir>/tensorboard/ (process 0; tensorboardX).
+    c.tensorboard = True
 
 
 def pruning_config(task: str, a: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -32,6 +32,7 @@ from tests.test_reliability import (  # noqa: F401  (reference, reliability_env:
 
 CHECKPOINT_DIR = "checkpoints"
 OWN_FILES = ("config.json", "metrics.jsonl", "final_metrics.json")
+TENSORBOARD_DIR = "tensorboard"  # process 0's event files
 
 
 def _free_port() -> int:
@@ -123,18 +124,21 @@ def test_two_processes_train_like_one_process_with_eight_devices(
         train_rows = [e["rows"] for e in ev[p] if e["event"] == "rows" and e["split"] == "train"]
         assert train_rows == expected[p], p
         val_rows = [e["rows"] for e in ev[p] if e["event"] == "rows" and e["split"] == "val"]
+        if p == 0:  # and once, the first 4 val images of the TensorBoard maps picture (process 0's)
+            val_rows.remove([0, 1, 2, 3])
         assert val_rows == [list(range(8 * p, 8 * (p + 1)))] * 4, p
 
-    # Only process 0 writes the run's files; process 1 writes only its share of the (collective)
-    # Orbax checkpoints.
+    # Only process 0 writes the run's files (TensorBoard's too); process 1 writes only its share of the
+    # (collective) Orbax checkpoints.
     def written(p):
         return {str(Path(e["path"]).relative_to(workdir)) for e in ev[p] if e["event"] == "write"}
 
     outside = [f for f in written(1) if not f.startswith(CHECKPOINT_DIR + "/")]
     assert outside == [], outside
-    own = {f for f in written(0) if f.split("/")[0] not in (".", CHECKPOINT_DIR)}  # '.': the workdir
+    own = {f for f in written(0) if f.split("/")[0] not in (".", CHECKPOINT_DIR, TENSORBOARD_DIR)}
+    assert any(f.startswith(f"{TENSORBOARD_DIR}/events.out.tfevents.") for f in written(0))
     assert {f for f in own if not f.startswith(".")} == set(OWN_FILES), own
     assert all(any(f.startswith(f".{name}.tmp") for name in OWN_FILES) for f in own if f.startswith("."))
-    assert sorted(p.name for p in workdir.iterdir()) == sorted((CHECKPOINT_DIR, *OWN_FILES))
+    assert sorted(p.name for p in workdir.iterdir()) == sorted((CHECKPOINT_DIR, TENSORBOARD_DIR, *OWN_FILES))
     assert "| split |" in logs[0] and "| split |" not in logs[1]
     print(f"process 1 wrote {len(written(1))} paths, all under {CHECKPOINT_DIR}/")

@@ -331,3 +331,34 @@ def test_best_metric_checks_and_older_runs(tmp_path):
     check_resume_config(workdir, tiny_config(tmp_path / "data"))
     with pytest.raises(ValueError, match="differs in best_metric"):
         check_resume_config(workdir, tiny_config(tmp_path / "data", best_metric="per_image_AP"))
+
+
+def test_the_report_figure_overlays_each_map_on_its_image_and_is_deterministic(tmp_path):
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from apjax.evaluation import _figure
+
+    size, rng = 32, np.random.default_rng(0)
+    seg = SimpleNamespace(images=rng.integers(0, 256, (3, 36, 36, 3), np.uint8), extents=np.full((3, 2), 36))
+    masks = rng.integers(0, 3, (3, size, size)).astype(np.uint8)
+    ctx = SimpleNamespace(image_size=size, cache=lambda split: seg, masks=lambda split: masks)
+    ramp = np.outer(np.arange(size), np.ones(size))
+
+    class Maps:  # a localisation evaluator's maps of the figure's pairs
+        def __init__(self, sign):
+            self.sign = sign
+
+        def maps_and_scores(self, method, variables, pairs, keep):
+            return {}, np.stack([self.sign * ramp + i for i, _ in pairs.tolist()])
+
+    config = tiny_config(tmp_path / "data")
+    runs = [SimpleNamespace(name=n, config=config, variables=None, workdir=tmp_path) for n in ("t", "s")]
+    pairs = np.array([[0, 1], [0, 2], [2, 0]])  # the first pair of images 0 and 2
+    paths = [_figure(runs, [Maps(1), Maps(-1)], ctx, pairs, 2, "gradcam", tmp_path / f"o{i}") for i in (0, 1)]
+    first, second = (Path(p).read_bytes() for p in paths)
+    assert first == second and len(first) < 100_000  # deterministic and small
+    # Two rows (images), four columns (image, mask, one overlay per run), 2.2 inches at 80 dpi each.
+    assert Image.open(paths[0]).size == (4 * 176, 2 * 176)

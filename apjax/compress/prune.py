@@ -45,6 +45,7 @@ from apjax.compress.unstructured import (
 from apjax.errors import ConfigError
 from apjax.models import conv_names, count_params, create_model, family_of, variant_widths
 from apjax.trainer.loop import Task
+from apjax.trainer.map_grid import MapGrid
 from apjax.trainer.state import TrainState
 
 MODEL_FILE = "model.json"
@@ -132,6 +133,7 @@ def pruning_task(config, student, teacher, teacher_vars, tx, lr_fn, mesh, init_s
         train_step=lambda state, batch: step(state, teacher_vars, batch),
         evaluate=evaluate,
         describe=lambda state: parameter_counts(state.params),
+        figure=MapGrid(student, config.data.image_size, config.distill.taps, (teacher, teacher_vars)),
     )
 
 

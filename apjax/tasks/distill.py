@@ -11,6 +11,7 @@ from jax.sharding import Mesh
 from apjax.compress import distill
 from apjax.trainer.config import build_model
 from apjax.trainer.loop import Task
+from apjax.trainer.map_grid import MapGrid
 from apjax.trainer.optim import create_optimizer
 from apjax.trainer.state import abstract_train_state, create_train_state
 
@@ -44,4 +45,5 @@ def build(
         abstract_init=lambda sharding: abstract_train_state(config, student, tx, sharding),
         train_step=lambda state, batch: step(state, teacher_vars, batch),
         evaluate=distill.SimilarityEval(student, teacher, teacher_vars, config, mesh),
+        figure=MapGrid(student, config.data.image_size, config.distill.taps, (teacher, teacher_vars)),
     )

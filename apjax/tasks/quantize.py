@@ -37,6 +37,7 @@ from apjax.trainer.checkpoints import restore_state
 from apjax.trainer.config import build_model, num_classes_of
 from apjax.trainer.files import load_workdir_config
 from apjax.trainer.loop import Task
+from apjax.trainer.map_grid import MapGrid
 from apjax.trainer.optim import create_optimizer
 
 CONFIG_FILE = "configs/quantize.py"
@@ -98,4 +99,5 @@ def build(
             "quant_bits": bits,
             **model_size_bytes({"params": state.params, "batch_stats": state.batch_stats}, bits),
         },
+        figure=MapGrid(student, config.data.image_size, config.distill.taps, (teacher, teacher_vars)),
     )

@@ -18,6 +18,7 @@ from apjax.errors import ConfigError
 from apjax.trainer import evaluation
 from apjax.trainer.config import build_model
 from apjax.trainer.loop import Task
+from apjax.trainer.map_grid import MapGrid
 from apjax.trainer.optim import create_optimizer
 from apjax.trainer.state import (
     TrainState,
@@ -103,4 +104,5 @@ def build(
         evaluate=lambda state, cache: evaluation.evaluate(
             eval_step, state.params, state.batch_stats, cache, eval_bs, mesh
         ),
+        figure=MapGrid(model, config.data.image_size),  # Grad-CAM at the model's gradcam_tap
     )

@@ -82,6 +82,8 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
     lo, hi = config.data.crop_scale
     if not 0 < lo <= hi <= 1:
         raise ConfigError(f"config.data.crop_scale must satisfy 0 < low <= high <= 1, got {(lo, hi)}.")
+    if not isinstance(config.get("tensorboard", True), bool):
+        raise ConfigError(f"config.tensorboard must be True or False, got {config.tensorboard!r}.")
     if config.data.dataset == "synthetic":
         synthetic_config(config).validate()
 

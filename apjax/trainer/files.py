@@ -25,6 +25,7 @@ RESUMABLE_CHANGES = (
     "checkpoint_every_epochs",
     "data.data_dir",
     "distributed",
+    "tensorboard",
 )
 # Whole blocks that change what is measured, not the run: config.evals (extra evaluators).
 RESUMABLE_BLOCKS = ("evals.",)
@@ -39,6 +40,7 @@ ADDED_FIELDS = {
     "distill.teacher_cache": 0,
     "distill.teacher_cache_dtype": "bfloat16",
     "distill.teacher_cache_dir": "",
+    "tensorboard": True,
 }
 
 

@@ -34,6 +34,7 @@ from apjax.trainer.files import write_json_atomic
 from apjax.trainer.metrics_log import MetricsLog, format_table
 from apjax.trainer.optim import epochs_to_steps
 from apjax.trainer.state import TrainState, all_finite
+from apjax.trainer.tensorboard import TensorBoardLog
 
 
 @dataclasses.dataclass
@@ -53,6 +54,9 @@ class Task:
         weight file); by default the shapes of ``init_state()``.
       batches: optional (the run's :class:`TrainBatches`) -> the batches ``train_step`` reads, e.g. with a
         teacher's cached outputs added (:class:`apjax.compress.teacher_cache.CachedBatches`).
+      figure: optional (state, cache) -> a uint8 (H, W, 3) picture of the maps on a few images of the
+        split (:class:`apjax.trainer.map_grid.MapGrid`), written to TensorBoard at each evaluation (process
+        0 only, ``config.tensorboard``).
     """
 
     init_state: Callable[[], TrainState]
@@ -61,6 +65,7 @@ class Task:
     describe: Callable[[TrainState], dict[str, Any]] | None = None
     abstract_init: Callable[[Any], TrainState] | None = None
     batches: Callable[[TrainBatches], TrainBatches] | None = None
+    figure: Callable[[TrainState, HostCache], np.ndarray] | None = None
 
     def abstract_state(self, sharding) -> TrainState:
         """What a checkpoint of this task is restored into (see ``abstract_init``)."""
@@ -80,7 +85,7 @@ def _non_finite(what: str, done: int, checkpoints: Checkpoints, latest_dir: Path
 
 @dataclasses.dataclass
 class _Run:
-    """The mutable state of one training loop: its checkpoints, metric log, progress bar and best value."""
+    """The mutable state of one training loop: its checkpoints, metric logs, progress bar and best value."""
 
     config: ml_collections.ConfigDict
     workdir: Path
@@ -94,6 +99,7 @@ class _Run:
     metric: str
     best_value: float
     is_main: bool
+    tb: TensorBoardLog
 
     def log_train(self, done: int, acc: Any, acc_n: int, rate: float) -> None:
         """Logs the mean of the accumulated train metrics (the loop's only sync); refuses non-finite ones."""
@@ -101,7 +107,9 @@ class _Run:
         if not all(math.isfinite(v) for v in host.values()):
             bad = ", ".join(f"{k}={v}" for k, v in host.items() if not math.isfinite(v))
             raise _non_finite(f"training became non-finite ({bad})", done, self.checkpoints, self.latest_dir)
-        self.log.write(step=done, epoch=done / self.spe, steps_per_s=rate, **host)
+        row = dict(epoch=done / self.spe, steps_per_s=rate, **host)
+        self.log.write(step=done, **row)
+        self.tb.scalars(done, row)
         self.bar.set_postfix(loss=f"{host['loss']:.4f}", lr=f"{host['lr']:.3g}")
         self.bar.update(done - self.bar.n)
 
@@ -127,7 +135,11 @@ class _Run:
 
     def evaluate(self, state: Any, done: int, epoch: int) -> None:
         val = self.task.evaluate(state, self.val)
-        self.log.write(step=done, epoch=epoch, **{f"val/{k}": v for k, v in val.items()})
+        row = {f"val/{k}": v for k, v in val.items()}
+        self.log.write(step=done, epoch=epoch, **row)
+        self.tb.scalars(done, row)  # the epoch is the train row's, at the same step
+        if self.tb.enabled and self.task.figure is not None:
+            self.tb.image("maps", self.task.figure(state, self.val), done)
         metric = self.metric
         if val[metric] > self.best_value:
             self.best_value = val[metric]
@@ -182,17 +194,20 @@ def run_training(
     spe = batches.steps_per_epoch
     total_steps = epochs_to_steps(config, spe)["total"]
     checkpoints = Checkpoints(workdir)
+    tb = None
     try:
         state, best_value = _start(config, workdir, task, checkpoints, NamedSharding(mesh, PartitionSpec()))
         log = MetricsLog(workdir)
         start = int(jax.device_get(state.step))
         log.truncate_after(start)  # rows a killed run logged after its last checkpoint are logged again
+        # The same for its TensorBoard events (none when nothing is left to train).
+        tb = TensorBoardLog(workdir, config.get("tensorboard", True) and start < total_steps, start)
         with jax.set_mesh(mesh):
             bar = tqdm(
                 total=total_steps, initial=start, disable=not is_main, desc=desc or config.task, unit="step"
             )
             run = _Run(config, workdir, task, data["val"], checkpoints, log, bar, spe, total_steps,
-                       best_metric_of(config), best_value, is_main)  # fmt: skip
+                       best_metric_of(config), best_value, is_main, tb)  # fmt: skip
             acc, acc_n, t0, last = None, 0, time.perf_counter(), start
             for step, batch in batches.iterate(start, total_steps):
                 state, m = task.train_step(state, batch)
@@ -212,6 +227,9 @@ def run_training(
         with contextlib.suppress(Exception):
             checkpoints.close()
         raise
+    finally:
+        if tb is not None:
+            tb.close()
     if is_main:
         extra = task.describe(state) if task.describe else {}
         summary = {"step": last_step, "val": final, "rows": rows, **extra}
