@@ -175,20 +175,24 @@ def _prefetch(items: Iterator, depth: int) -> Iterator:
     stop = threading.Event()
     end = object()
 
+    def put(item) -> bool:
+        """Queues ``item`` unless the consumer stopped first (then False)."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def work():
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            q.put(end)
+            put(end)
         except BaseException as e:  # handed to the consumer
-            q.put(e)
+            put(e)
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
@@ -201,4 +205,7 @@ def _prefetch(items: Iterator, depth: int) -> Iterator:
                 raise item
             yield item
     finally:
+        # Join the worker before the consumer goes on (or its error leaves the process): a thread still
+        # inside a transfer to the devices at interpreter shutdown can abort the process.
         stop.set()
+        thread.join()

@@ -193,15 +193,14 @@ def run_training(
     batches = task.batches(batches) if task.batches else batches
     spe = batches.steps_per_epoch
     total_steps = epochs_to_steps(config, spe)["total"]
-    checkpoints = Checkpoints(workdir)
-    tb = None
+    checkpoints, stack = Checkpoints(workdir), contextlib.ExitStack()  # stack: TensorBoard, batch stream
     try:
         state, best_value = _start(config, workdir, task, checkpoints, NamedSharding(mesh, PartitionSpec()))
         log = MetricsLog(workdir)
         start = int(jax.device_get(state.step))
         log.truncate_after(start)  # rows a killed run logged after its last checkpoint are logged again
-        # The same for its TensorBoard events (none when nothing is left to train).
-        tb = TensorBoardLog(workdir, config.get("tensorboard", True) and start < total_steps, start)
+        tb = TensorBoardLog(workdir, config.get("tensorboard", True) and start < total_steps, start)  # same
+        stack.callback(tb.close)
         with jax.set_mesh(mesh):
             bar = tqdm(
                 total=total_steps, initial=start, disable=not is_main, desc=desc or config.task, unit="step"
@@ -209,7 +208,9 @@ def run_training(
             run = _Run(config, workdir, task, data["val"], checkpoints, log, bar, spe, total_steps,
                        best_metric_of(config), best_value, is_main, tb)  # fmt: skip
             acc, acc_n, t0, last = None, 0, time.perf_counter(), start
-            for step, batch in batches.iterate(start, total_steps):
+            stream = batches.iterate(start, total_steps)
+            stack.callback(stream.close)  # stops and joins the prefetch thread, also on an error
+            for step, batch in stream:
                 state, m = task.train_step(state, batch)
                 acc = m if acc is None else jax.tree.map(jnp.add, acc, m)  # stays on the device
                 acc_n += 1
@@ -228,8 +229,7 @@ def run_training(
             checkpoints.close()
         raise
     finally:
-        if tb is not None:
-            tb.close()
+        stack.close()
     if is_main:
         extra = task.describe(state) if task.describe else {}
         summary = {"step": last_step, "val": final, "rows": rows, **extra}
