@@ -262,13 +262,12 @@ def build_distill_cached(method: str) -> Callable[[Setting, Mesh, str | None], W
         rng = np.random.default_rng(1)
         host = {k: rng.normal(size=(s.batch_size, *v)).astype(ml_dtypes.bfloat16) for k, v in shapes.items()}
         cached = jax.device_put(host, batch_sharding(mesh))
-        step = distill.make_cached_distill_step(
-            student_model, tx, lr_fn, c, mesh, steps_per_epoch=100, draws=4
-        )
+        step = distill.make_cached_distill_step(student_model, tx, lr_fn, c, mesh)
         state = jax.device_put(create_train_state(c, student_model, tx), _replicated(mesh))
         config = {**_summary(c), "teacher": s.teacher, "param_dtypes": _param_dtypes(state)}
         config["cached_bytes_per_image"] = int(sum(np.prod(v) * 2 for v in shapes.values()))
-        args = lambda st, b: (st, None, {**b, "teacher": cached})  # noqa: E731
+        draw = jax.device_put(np.full(s.batch_size, 1, np.int32), batch_sharding(mesh))
+        args = lambda st, b: (st, None, {**b, "draw": draw, "teacher": cached})  # noqa: E731
         return Workload(step, state, lambda st, b: step(*args(st, b)), args, config)
 
     return build

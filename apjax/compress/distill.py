@@ -41,11 +41,11 @@ from apjax.compress.teacher_cache import (
 )
 from apjax.data.augment import draw_augment, eval_preprocess, train_augment
 from apjax.data.cache import HostCache
-from apjax.data.pipeline import batch_sharding, eval_batches
+from apjax.data.pipeline import TrainBatches, batch_sharding, eval_batches
 from apjax.errors import ConfigError, MissingFileError
 from apjax.models import apply_with_taps, create_model, tap_gradients, top1_seed
 from apjax.trainer.checkpoints import restore_state
-from apjax.trainer.config import PRECISIONS, load_data, num_classes_of
+from apjax.trainer.config import PRECISIONS, num_classes_of
 from apjax.trainer.evaluation import classification_summary, valid_rows
 from apjax.trainer.files import load_workdir_config
 from apjax.trainer.state import (
@@ -337,14 +337,12 @@ def make_cached_distill_step(
     lr_fn,
     config,
     mesh: Mesh,
-    steps_per_epoch: int,
-    draws: int,
     base_loss: str = "kd",
 ):
-    """:func:`make_distill_step` reading the teacher's outputs from the batch (``batch['teacher']``, a
-    :class:`apjax.compress.teacher_cache.CachedBatches`) instead of running it: the student's crop is
-    regenerated from ``(seed, index, draw)`` with ``draw = epoch mod draws``; SSWA's mask is drawn afresh.
-    The returned step takes (and ignores) the teacher's variables, like the live one."""
+    """:func:`make_distill_step` reading the teacher's outputs from the batch (``batch['teacher']`` and
+    ``batch['draw']``, from :class:`apjax.compress.teacher_cache.CachedBatches`) instead of running it: the
+    student's crop is regenerated from ``(seed, index, draw)``; SSWA's mask is drawn afresh. The returned
+    step takes (and ignores) the teacher's variables, like the live one."""
     d = config.distill
     spec, taps = MATCHING_MAPS.get(d.method), tuple(d.taps)
     size, scale, key = config.data.image_size, tuple(config.data.crop_scale), draw_key(config.seed)
@@ -353,9 +351,8 @@ def make_cached_distill_step(
     def step(state: TrainState, teacher_vars, batch):
         del teacher_vars
         _, dropout_key, mask_key = step_keys(state, 3)
-        draw = (state.step // steps_per_epoch) % draws
-        x = draw_augment(key, batch["index"], draw, batch["images"], batch["sizes"], batch["extents"], size,
-                         student.dtype, scale)  # fmt: skip
+        images = (batch["images"], batch["sizes"], batch["extents"])
+        x = draw_augment(key, batch["index"], batch["draw"], *images, size, student.dtype, scale)
         labels = batch["labels"].astype(jnp.float32)
         teacher_out = teacher_side(batch["teacher"], spec, taps, d, mask_key)
         (loss, aux), grads = grad_fn(
@@ -369,14 +366,15 @@ def make_cached_distill_step(
 
 def training_step(config, student, teacher, teacher_vars, tx, lr_fn, mesh: Mesh, base_loss: str = "kd"):
     """``(step, wrap_batches)``: the live step (``distill.teacher_cache = 0``; ``wrap_batches`` None), or the
-    cached step and the wrapper adding the cached outputs to the batches, the cache built first if needed."""
+    cached step and the wrapper adding the cached outputs to the batches; the wrapper builds the cache from
+    the run's training split first if needed."""
     if not config.distill.get("teacher_cache", 0):
         return make_distill_step(student, teacher, tx, lr_fn, config, mesh, base_loss), None
-    train = load_data(config, splits=("train",))["train"]
-    cache = build_teacher_cache(config, teacher, teacher_vars, train, mesh)
-    spe = len(train) // config.batch_size
-    step = make_cached_distill_step(student, tx, lr_fn, config, mesh, spe, cache.draws, base_loss)
-    return step, lambda batches: CachedBatches(batches, cache)
+
+    def wrap_batches(batches: TrainBatches) -> CachedBatches:
+        return CachedBatches(batches, build_teacher_cache(config, teacher, teacher_vars, batches.cache, mesh))
+
+    return make_cached_distill_step(student, tx, lr_fn, config, mesh, base_loss), wrap_batches
 
 
 # ------------------------------------------------------------------------------------------------

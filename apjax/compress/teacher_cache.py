@@ -284,8 +284,8 @@ def jitted_outputs(config, teacher, spec, taps, mesh: Mesh, out_dtype):
 
 
 class CachedBatches(TrainBatches):
-    """:class:`TrainBatches` whose batches also carry ``teacher``: the cached outputs of their images at the
-    step's draw, ``(step // steps_per_epoch) mod D``."""
+    """:class:`TrainBatches` whose batches also carry ``draw``, int32 (B,) the step's draw
+    ``(step // steps_per_epoch) mod D``, and ``teacher``: the cached outputs of their images at that draw."""
 
     def __init__(self, batches: TrainBatches, cache: TeacherCache):
         super().__init__(batches.cache, batches.batch_size, batches.seed, batches.mesh)
@@ -294,4 +294,5 @@ class CachedBatches(TrainBatches):
     def host_batch(self, step: int) -> dict[str, Any]:
         batch = super().host_batch(step)
         draw = (int(step) // self.steps_per_epoch) % self.teacher_cache.draws
-        return {**batch, "teacher": self.teacher_cache.gather(batch["index"], draw)}
+        draws = np.full(len(batch["index"]), draw, np.int32)
+        return {**batch, "draw": draws, "teacher": self.teacher_cache.gather(batch["index"], draw)}
