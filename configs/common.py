@@ -134,6 +134,8 @@ def set_recipe(
     c.optimizer = ml_collections.ConfigDict(
         dict(name="sgd", learning_rate=learning_rate, momentum=momentum, weight_decay=1e-4, nesterov=False)
     )
+    # Clip the loss gradient to this global norm before the step (torch's clip_grad_norm_); 0 = off.
+    c.optimizer.clip_norm = 0.0
     c.lr_decay_epochs = tuple(lr_decay_epochs)
     c.lr_decay_factor = 0.1
     c.log_every_steps = 50

@@ -54,7 +54,7 @@ def test_one_distill_step_per_method(teacher_dir, method):
     for s in range(2):
         state, m = task.train_step(state, batches.batch(s))
     m = jax.device_get(m)
-    assert set(m) == {"loss", "lr", "kd", "bce", "match"}
+    assert set(m) == {"loss", "lr", "kd", "bce", "match", "grad_norm"}
     assert all(np.isfinite(v) for v in m.values())
     if method == "kd":
         assert float(m["match"]) == 0.0

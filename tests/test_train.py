@@ -21,6 +21,7 @@ from apjax.tasks import train_and_evaluate, validate_config
 from apjax.tasks.teacher import make_train_step
 from apjax.trainer.checkpoints import restore_state
 from apjax.trainer.config import build_model, load_data
+from apjax.trainer.evaluation import classification_summary
 from apjax.trainer.files import check_resume_config, load_workdir_config
 from apjax.trainer.optim import create_learning_rate_fn, create_optimizer
 from apjax.trainer.state import create_train_state
@@ -71,6 +72,31 @@ def test_sgd_is_torch_sgd_with_weight_decay_and_momentum():
         updates, state = tx.update(jnp.asarray(g, jnp.float32), state, params)
         params = optax.apply_updates(params, updates)
     np.testing.assert_allclose(np.asarray(params), p2, rtol=1e-6)
+
+
+def test_clip_norm_scales_the_gradient_to_the_norm_before_decay_and_momentum():
+    c = teacher_vgg16.get_config()
+    c.optimizer.update(learning_rate=0.5, momentum=0.9, weight_decay=0.1, clip_norm=1.0)
+    tx = create_optimizer(c, create_learning_rate_fn(c, 100))
+    p0, g1, g2 = np.array([1.0, -2.0]), np.array([3.0, 4.0]), np.array([0.3, 0.4])
+    # torch: clip_grad_norm_(max 1) then SGD: ||g1|| = 5 -> g1 / 5; ||g2|| = 0.5 < 1 -> unchanged.
+    d1 = np.array([0.6, 0.8]) + 0.1 * p0
+    p1 = p0 - 0.5 * d1
+    p2 = p1 - 0.5 * (0.9 * d1 + g2 + 0.1 * p1)
+    params = jnp.asarray(p0, jnp.float32)
+    state = tx.init(params)
+    for g in (g1, g2):
+        updates, state = tx.update(jnp.asarray(g, jnp.float32), state, params)
+        params = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(np.asarray(params), p2, rtol=1e-6)
+
+
+def test_classification_summary_reports_the_mean_logit_of_present_and_absent_pairs():
+    logits = np.array([[2.0, -1.0, -3.0], [0.5, 1.5, -2.0]])
+    labels = np.array([[1, 0, 0], [0, 1, 0]])
+    m = classification_summary(logits, labels)
+    assert m["logit_present"] == pytest.approx((2.0 + 1.5) / 2)
+    assert m["logit_absent"] == pytest.approx((-1.0 - 3.0 + 0.5 - 2.0) / 4)
 
 
 def test_bce_loss_is_the_mean_binary_cross_entropy():

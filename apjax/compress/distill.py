@@ -170,6 +170,11 @@ def teacher_maps(
 BASE_LOSSES = ("kd", "bce")
 
 
+def _grad_norm(grads: Any) -> dict[str, jax.Array]:
+    """``{'grad_norm': global L2 norm of the loss gradient}``, before any clipping (logged per step)."""
+    return {"grad_norm": optax.global_norm(grads)}
+
+
 def distill_loss(
     params: Any,
     student,
@@ -314,7 +319,7 @@ def make_distill_step(
             dropout_key, mask_key, base_loss,
         )  # fmt: skip
         new_state = apply_gradients(state, tx, grads, aux["batch_stats"])
-        return new_state, {"loss": loss, "lr": lr_fn(state.step), **aux["parts"]}
+        return new_state, {"loss": loss, "lr": lr_fn(state.step), **aux["parts"], **_grad_norm(grads)}
 
     return _jit_step(step, mesh)
 
@@ -359,7 +364,7 @@ def make_cached_distill_step(
             state.params, student, state.batch_stats, teacher_out, x, labels, d, dropout_key, base_loss
         )
         new_state = apply_gradients(state, tx, grads, aux["batch_stats"])
-        return new_state, {"loss": loss, "lr": lr_fn(state.step), **aux["parts"]}
+        return new_state, {"loss": loss, "lr": lr_fn(state.step), **aux["parts"], **_grad_norm(grads)}
 
     return _jit_step(step, mesh)
 

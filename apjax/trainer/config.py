@@ -67,6 +67,7 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
         "optimizer.learning_rate": config.optimizer.learning_rate,
         "optimizer.momentum": config.optimizer.momentum,
         "optimizer.weight_decay": config.optimizer.weight_decay,
+        "optimizer.clip_norm": config.optimizer.get("clip_norm", 0.0),
         "lr_decay_factor": config.lr_decay_factor,
     }
     for name, value in nonneg.items():

@@ -52,10 +52,15 @@ def classification_summary(logits: np.ndarray, labels: np.ndarray) -> dict:
     """Every metric of :func:`apjax.metrics.classification_metrics` and the mean BCE: ``mAP`` (VOC mAP,
     sklearn's AP), ``mAP_devkit`` (the VOC devkit's envelope AP), ``per_image_AP`` (the reference's, the
     paper's "mAP"), ``F1`` (probability 0.5), ``F1_logit0.5`` (the reference's, the paper's F1),
-    ``skipped_classes`` and ``bce``."""
+    ``skipped_classes``, ``bce``, and the mean logit of the present and of the absent (image, class)
+    pairs, ``logit_present`` and ``logit_absent`` (where a net's scores sit against the threshold 0)."""
     labels = np.asarray(labels, np.float32)
+    logits = np.asarray(logits, np.float32)
     m = metrics_lib.classification_metrics(logits, labels)
     m["bce"] = float(np.mean(optax.sigmoid_binary_cross_entropy(logits, labels)))
+    present = labels > 0.5
+    m["logit_present"] = float(logits[present].mean()) if present.any() else float("nan")
+    m["logit_absent"] = float(logits[~present].mean()) if (~present).any() else float("nan")
     return m
 
 

@@ -31,9 +31,12 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: 
 def create_optimizer(
     config: ml_collections.ConfigDict, lr_fn: optax.Schedule
 ) -> optax.GradientTransformation:
-    """SGD as torch does it: weight decay added to the gradient, then (optional) momentum."""
+    """SGD as torch does it: the loss gradient clipped to global norm ``clip_norm`` (0: no clipping, the
+    default; torch's ``clip_grad_norm_`` before the step), weight decay added, then (optional) momentum."""
     o = config.optimizer
+    clip = float(o.get("clip_norm", 0.0))
     return optax.chain(
+        *([optax.clip_by_global_norm(clip)] if clip > 0 else []),
         optax.add_decayed_weights(o.weight_decay),
         optax.sgd(lr_fn, momentum=o.momentum or None, nesterov=o.nesterov),
     )
