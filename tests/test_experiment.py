@@ -117,6 +117,19 @@ def test_paper_variant_plans_every_table(tmp_path):
     experiment.validate_sweep(c, experiment.plan(c, tmp_path))
 
 
+def test_science_variant_plans_table_2_and_both_prunings_on_three_seeds(tmp_path):
+    c = paper.get_config("science")
+    names = [s.name for s in experiment.plan(c, tmp_path)]
+    runs = [f"kd_x2_{m}" for m in ("kd", "ewa", "swa", "sswa")] + [
+        f"prune_{k}_{m}" for k in ("u", "s") for m in ("naive", "ewa", "swa", "sswa")
+    ]
+    assert names == ["teacher"] + [r + s for s in ("", "@s1", "@s2") for r in runs] + ["eval", "report"]
+    demo = paper.get_config("demo")
+    for stage in ("teacher", "kd"):  # the demo's teacher and students, so the demo is its KD/SSWA subset
+        assert c[stage].to_dict() == demo[stage].to_dict()
+    assert c.kd.optimizer.clip_norm == 1.0 and c.kd.distill.beta == c.prune_structured.distill.beta == 10.0
+
+
 def test_voc_tables_put_each_paper_number_beside_the_same_quantity(tmp_path):
     c = paper.get_config()
     stages = experiment.plan(c, tmp_path)

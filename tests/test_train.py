@@ -56,39 +56,38 @@ def test_learning_rate_drops_at_the_first_step_of_each_decay_epoch():
         np.testing.assert_allclose(float(lr(step)), value, rtol=1e-6)
 
 
-def test_sgd_is_torch_sgd_with_weight_decay_and_momentum():
+def _two_sgd_steps(p0: np.ndarray, grads, **optimizer) -> np.ndarray:
+    """The parameters after two steps of the config's optimizer (lr, momentum, decay from ``optimizer``)."""
     c = teacher_vgg16.get_config()
-    c.optimizer.update(learning_rate=0.5, momentum=0.9, weight_decay=0.1)
+    c.optimizer.update(**optimizer)
     tx = create_optimizer(c, create_learning_rate_fn(c, 100))
+    params = jnp.asarray(p0, jnp.float32)
+    state = tx.init(params)
+    for g in grads:
+        updates, state = tx.update(jnp.asarray(g, jnp.float32), state, params)
+        params = optax.apply_updates(params, updates)
+    return np.asarray(params)
+
+
+def test_sgd_is_torch_sgd_with_weight_decay_and_momentum():
     p0, g1, g2 = np.array([1.0, -2.0]), np.array([0.3, 0.1]), np.array([-0.2, 0.4])
     # torch.optim.SGD: d = g + wd * p; buf = m * buf + d (buf = d at the first step); p -= lr * buf.
     d1 = g1 + 0.1 * p0
     p1 = p0 - 0.5 * d1
     buf2 = 0.9 * d1 + (g2 + 0.1 * p1)
     p2 = p1 - 0.5 * buf2
-    params = jnp.asarray(p0, jnp.float32)
-    state = tx.init(params)
-    for g in (g1, g2):
-        updates, state = tx.update(jnp.asarray(g, jnp.float32), state, params)
-        params = optax.apply_updates(params, updates)
-    np.testing.assert_allclose(np.asarray(params), p2, rtol=1e-6)
+    got = _two_sgd_steps(p0, (g1, g2), learning_rate=0.5, momentum=0.9, weight_decay=0.1)
+    np.testing.assert_allclose(got, p2, rtol=1e-6)
 
 
 def test_clip_norm_scales_the_gradient_to_the_norm_before_decay_and_momentum():
-    c = teacher_vgg16.get_config()
-    c.optimizer.update(learning_rate=0.5, momentum=0.9, weight_decay=0.1, clip_norm=1.0)
-    tx = create_optimizer(c, create_learning_rate_fn(c, 100))
     p0, g1, g2 = np.array([1.0, -2.0]), np.array([3.0, 4.0]), np.array([0.3, 0.4])
     # torch: clip_grad_norm_(max 1) then SGD: ||g1|| = 5 -> g1 / 5; ||g2|| = 0.5 < 1 -> unchanged.
     d1 = np.array([0.6, 0.8]) + 0.1 * p0
     p1 = p0 - 0.5 * d1
     p2 = p1 - 0.5 * (0.9 * d1 + g2 + 0.1 * p1)
-    params = jnp.asarray(p0, jnp.float32)
-    state = tx.init(params)
-    for g in (g1, g2):
-        updates, state = tx.update(jnp.asarray(g, jnp.float32), state, params)
-        params = optax.apply_updates(params, updates)
-    np.testing.assert_allclose(np.asarray(params), p2, rtol=1e-6)
+    got = _two_sgd_steps(p0, (g1, g2), learning_rate=0.5, momentum=0.9, weight_decay=0.1, clip_norm=1.0)
+    np.testing.assert_allclose(got, p2, rtol=1e-6)
 
 
 def test_classification_summary_reports_the_mean_logit_of_present_and_absent_pairs():
