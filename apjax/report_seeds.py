@@ -4,6 +4,8 @@ helpers, and the paired-difference tables (a matching method minus KD or naive o
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from apjax.compress.matching import MATCHING_MAPS
@@ -23,6 +25,7 @@ NUMBERS = (
     "Point",
     "Cos",
     "l2",
+    "map_cos",
     "params_nonzero",
     "params_conv_bn",
     "size_bytes",
@@ -35,6 +38,7 @@ PAIRED_COLUMNS = (
     ("Point", "Point"),
     ("Cos", "Cos"),
     ("l2", "l2"),
+    ("map cos (val)", "map_cos"),
 )
 INTERVAL_NOTE = (
     "Seeds: each cell is the mean over the row's n seeds (column n) ± the half-width of its two-sided 95% "
@@ -62,7 +66,7 @@ def fmt(metric: str, v: Any, signed: bool = False) -> str:
     sign = "+" if signed else ""
     if metric in PERCENT:
         return f"{100 * v:{sign}.2f}"
-    return f"{v:{sign}.3f}" if metric == "Cos" else f"{v:{sign}.2f}"
+    return f"{v:{sign}.3f}" if metric in ("Cos", "map_cos") else f"{v:{sign}.2f}"
 
 
 def fmt_params(n: Any) -> str:
@@ -71,6 +75,19 @@ def fmt_params(n: Any) -> str:
     if not finite(n):
         return "-"
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
+
+
+def best_map_cos(workdir: str | None) -> float | None:
+    """The training's own ``map_cos`` (teacher-student SWA map cosine over every val image) at the run's
+    best checkpoint (unstructured pruning: its last round), from its ``final_metrics.json``; None for a run
+    without one (a teacher, older runs)."""
+    path = Path(workdir or "") / "final_metrics.json"
+    if not workdir or not path.is_file():
+        return None
+    final = json.loads(path.read_text())
+    best = [row for key, row in final.get("rows", {}).items() if key.startswith("val, best")]
+    # Unstructured pruning's file has no rows: its "val" is the last round's, the checkpoint evaluated.
+    return (best[0] if best else final.get("val", {})).get("map_cos")
 
 
 def run_metrics(evaluation: dict | None, name: str, method: str = "gradcam") -> dict[str, Any]:
@@ -85,6 +102,7 @@ def run_metrics(evaluation: dict | None, name: str, method: str = "gradcam") -> 
     val = r["val"]
     out = {k: val.get(k) for k in ("mAP", "mAP_devkit", "per_image_AP", "F1", "F1_logit0.5")}
     out.update({k: m.get(k) for k in ("AUC", "Point", "Cos", "l2")})
+    out["map_cos"] = best_map_cos(r.get("workdir"))
     out["params_nonzero"] = r.get("params_nonzero", r.get("params"))
     out["params_conv_bn"] = r.get("params_conv_bn")
     out["size_bytes"] = r.get("size_bytes")
@@ -174,7 +192,9 @@ def paired_tables(ev: dict | None, stages: list[Stage]) -> list[str]:
             "(percentage points for mAP, AP, AUC and Point); the mean of these differences ± the half-width "
             "of its 95% Student t interval over the n seeds (a paired t interval). An interval that excludes "
             "0 says the method changes the number on these seeds beyond their seed-to-seed spread; for l2 "
-            "lower is better.",
+            "lower is better. Cos and l2 compare Grad-CAM maps over the scored pairs only (classes present "
+            "and predicted); map cos (val) is the training's own teacher-student cosine of the SWA maps at "
+            "the matched taps over EVERY val image, at the best checkpoint.",
             "",
         ]
     return lines

@@ -346,3 +346,14 @@ def test_eval_covers_every_seed_with_a_report_per_teacher(tmp_path, monkeypatch)
     c.kd.distill.teacher_cache_dir = "/tmp/cache"
     with pytest.raises(ValueError, match="one teacher_cache_dir cannot hold the caches of several seeds"):
         experiment.validate_sweep(c, experiment.plan(c, root))
+
+
+def test_map_cos_in_the_report_is_the_best_checkpoint_s(tmp_path):
+    from apjax.report_seeds import best_map_cos
+
+    rows = {"val, last (step 9)": {"map_cos": 0.5}, "val, best (step 6)": {"map_cos": 0.7}}
+    (tmp_path / "final_metrics.json").write_text(json.dumps({"rows": rows, "val": {"map_cos": 0.5}}))
+    assert best_map_cos(str(tmp_path)) == 0.7
+    (tmp_path / "final_metrics.json").write_text(json.dumps({"round": 4, "val": {"map_cos": 0.4}}))
+    assert best_map_cos(str(tmp_path)) == 0.4  # unstructured pruning: the last round's
+    assert best_map_cos(str(tmp_path / "missing")) is None and best_map_cos(None) is None
