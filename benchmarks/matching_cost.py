@@ -3,10 +3,11 @@ r"""Why attribution matching costs classification at the demo's scale: a grid of
 Each variant is a sweep root (``configs/paper.py:<setting>``) that trains the x2 (demo) or x8 (small)
 student with the variant's methods and overrides on every seed, distilled from ONE teacher, then its
 ``eval`` stage. The summary gives, per variant and method, the mean and 95% Student t interval over the
-seeds of the val classification (VOC mAP, F1, the mean logit of present and of absent classes), the
-training-time map cosine to the teacher on every val image (``map_cos``), and Grad-CAM AUC and Cos over
-the (image, class) pairs; and the paired difference of each matching run from the KD run of its baseline
-variant on the same seed.
+seeds of the val classification at the end of training (``final_metrics.json``'s ``val``: VOC mAP, F1, the
+mean logit of present and of absent classes, and ``map_cos``, the teacher-student SWA map cosine on every
+val image), and Grad-CAM AUC and Cos over the (image, class) pairs at the best checkpoint (the ``eval``
+stage); and the paired difference of each matching run from the KD run of its baseline variant on the
+same seed.
 
   python -m benchmarks.matching_cost --setting demo --root /tmp/mc --teacher workdirs/demo/teacher \
       --variants kd,sswa_b10,sswa_b1 --workers 2 --out benchmarks/results/matching_cost_demo.json
