@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from apjax.stages import base_name
 from apjax.stats import mean_interval, paired_difference
 
 # name -> (methods, overrides of the sweep config, baseline variant whose KD runs pair with these).
@@ -101,22 +102,21 @@ def _link_teacher(root: Path, teacher: Path) -> None:
         link.symlink_to(teacher.resolve(), target_is_directory=True)
 
 
-def prepare_data(setting: str) -> None:
+def prepare_data(setting: str, root: Path) -> None:
     """Generates and caches the setting's data once, before parallel runs would all try to."""
+    from apjax.experiment import plan
     from apjax.trainer.config import load_data
     from configs import paper
 
     config, _, _ = SETTINGS[setting]
-    sweep = paper.get_config(config.split(":", 1)[1])
-    stage = sweep.kd
-    stage.data = sweep.data
-    load_data(stage, ("train", "val", "segmentation_val"))
+    teacher = plan(paper.get_config(config.split(":", 1)[1]), root)[0]  # its config carries the sweep's data
+    load_data(teacher.config, ("train", "val", "segmentation_val"))
 
 
 def run_grid(args) -> dict[str, dict]:
     """Trains and evaluates every variant root; returns ``{variant: {'rc', 'seconds', 'root'}}``."""
-    prepare_data(args.setting)
     base = Path(args.root) / args.setting
+    prepare_data(args.setting, base)
     teacher = Path(args.teacher) if args.teacher else base / "_teacher" / "teacher"
     if not args.teacher and not (teacher / "final_metrics.json").exists():
         cmd = _command(args.setting, teacher.parent, "kd", args.seeds, "teacher", args.extra)
@@ -170,9 +170,9 @@ def _by_seed(runs: dict[str, dict], method: str) -> dict[str, dict]:
     """``{seed suffix: metrics}`` of one method's runs (``kd_x2_sswa@s1`` -> ``'@s1'``)."""
     out = {}
     for name, m in runs.items():
-        stem, _, seed = name.partition("@")
+        stem = base_name(name)
         if stem.rsplit("_", 1)[-1] == method:
-            out[seed] = m
+            out[name[len(stem) :]] = m
     return out
 
 
