@@ -18,7 +18,7 @@ from tqdm import tqdm
 from apjax import evaluators
 from apjax.attribution.methods import check_methods, method_label
 from apjax.attribution.overlay import overlay
-from apjax.compress.quantize import model_size_bytes, quant_bits_of
+from apjax.compress.quantize import model_size_bytes
 from apjax.compress.unstructured import count_nonzero_params
 from apjax.data import class_names
 from apjax.data.pipeline import data_mesh
@@ -30,6 +30,7 @@ from apjax.evaluators.localization import evaluate_localization
 from apjax.evaluators.pairs import common_pairs, rows_of, similarity_summary
 from apjax.localization_table import localization_table
 from apjax.models import count_params
+from apjax.models.quantized import quant_bits_of
 from apjax.trainer.checkpoints import restore_state
 from apjax.trainer.config import num_classes_of, synthetic_config
 from apjax.trainer.files import load_workdir_config, write_json_atomic, write_text_atomic

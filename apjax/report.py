@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from apjax.attribution.methods import method_label
-from apjax.compress.quantize import QUANT_SCHEMES
+from apjax.models.quantized import QUANT_SCHEMES
 from apjax.report_plots import plot_lines
 from apjax.report_seeds import (
     INTERVAL_NOTE,

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from apjax.compress.matching import MATCHING_MAPS
-from apjax.compress.quantize import QUANT_SCHEMES
+from apjax.models.quantized import QUANT_SCHEMES
 from apjax.stages import Stage
 from apjax.stats import Interval, finite, mean_interval, paired_difference
 

@@ -50,7 +50,7 @@ from configs import (
 from configs.common import data_config, parse_arg
 
 # The matching weight of the demo and science variants' students (the small variant's configs use 10): at
-# this scale a larger beta costs classification (README, "Why matching costs classification here").
+# this scale a larger beta costs classification (docs/results.md, "Matching's cost at the demo's scale").
 DEMO_BETA = 10.0
 
 

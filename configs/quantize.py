@@ -34,7 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = pruning_config("quantize", a)  # the teacher's model, the data, the teacher and matching block
     del c["prune"]
     c.quant = ml_collections.ConfigDict()
-    c.quant.bits = a.bits  # apjax.compress.quantize.QUANT_SCHEMES: int8 (weights + activations), int4w
+    c.quant.bits = a.bits  # apjax.models.quantized.QUANT_SCHEMES: int8 (weights + activations), int4w
     c.quant.source_workdir = ""  # the run to quantize; empty: the teacher (config.distill.teacher_workdir)
 
     set_recipe(c, num_epochs=30, learning_rate=1e-3, momentum=0.9)
@@ -44,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.dropout_rate = 0.0  # as the small teacher
         c.batch_size = 32
         # Fine-tuning a converged net: 1e-3 as the pruning recipe (0.01, the small pruning variant's, moved
-        # the demo teacher's maps and, with matching, cost it classification: README, Quantization).
+        # the demo teacher's maps and, with matching, cost it classification: docs/results.md, Quantization).
         c.optimizer.learning_rate = 1e-3
         c.distill.beta = 10.0  # as the small distillation variant
         c.log_every_steps = 20

@@ -64,7 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.distill.beta = 10.0
         # The second-order matching gradient is heavy-tailed: unclipped, with momentum 0.9, its spikes pushed
         # the students' logits of present classes down and cost about 10 points of val mAP at this scale
-        # (README, "Why matching cost classification"); clipped to norm 1, mAP is kept.
+        # (docs/results.md, "Matching's cost at the demo's scale"); clipped to norm 1, mAP is kept.
         c.optimizer.clip_norm = 1.0
         c.log_every_steps = 20
     return c

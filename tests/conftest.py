@@ -8,6 +8,21 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
 
+# One persistent compilation cache for the session, shared with the subprocesses the tests start: many
+# tests jit the same computation (the same tiny nets, steps and evaluations) under new Python closures,
+# which jax's in-memory caches cannot see; the persistent cache is keyed on the program, so each program
+# compiles once per session. A fresh directory each session: nothing carries over between runs.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ and not os.environ.get("APJAX_TEST_NO_CACHE"):
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache = tempfile.mkdtemp(prefix="apjax-test-jax-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
 import jax  # noqa: E402
 
 # Compile with few optimisations: the tests run small arrays, where compile time dominates.

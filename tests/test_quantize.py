@@ -13,10 +13,11 @@ from flax import traverse_util
 
 from apjax import experiment, report
 from apjax.compress import distill
-from apjax.compress.quantize import model_size_bytes, quantize_model
+from apjax.compress.quantize import model_size_bytes
 from apjax.errors import ConfigError
 from apjax.evaluation import evaluate_workdir, load_run
 from apjax.models import create_model, init_variables
+from apjax.models.quantized import quantize_model
 from apjax.tasks import train_and_evaluate, validate_config
 from configs import paper
 from configs import quantize as quantize_config

@@ -14,16 +14,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
+
+from apjax.models import conv_kernels
 
 Masks = dict[str, jax.Array]
-
-
-def conv_kernels(params: Mapping[str, Any]) -> dict[str, jax.Array]:
-    """Every conv kernel (a 4-D ``kernel``) of a parameter tree, by the path of its module joined with '/'
-    (``conv1_1`` in a VGG, ``layer1_0/conv1/conv`` in a ResNet): the prunable weights, in tree order."""
-    flat = traverse_util.flatten_dict(dict(params))
-    return {"/".join(path[:-1]): k for path, k in flat.items() if path[-1] == "kernel" and k.ndim == 4}
 
 
 def round_sparsity(round_index: int, rate: float = 0.2) -> float:
@@ -77,11 +71,6 @@ def global_magnitude_masks(
         masks[name] = jnp.asarray(keep[offset : offset + size].reshape(shape))
         offset += size
     return masks
-
-
-def all_kept_masks(params: Mapping[str, Any]) -> Masks:
-    """Masks that keep every conv weight (sparsity 0): the starting point of round 1."""
-    return {name: jnp.ones(k.shape, bool) for name, k in conv_kernels(params).items()}
 
 
 def count_zero_conv_weights(params: Mapping[str, Any]) -> tuple[int, int]:

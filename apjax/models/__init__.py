@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from apjax.errors import ConfigError
 from apjax.models import resnet, vgg
-from apjax.models.family import ModelFamily
+from apjax.models.family import ModelFamily, conv_kernels
 from apjax.models.family import init_variables as _init
 from apjax.models.taps import apply_with_taps, tap_gradients, tap_shapes, top1_seed
 from apjax.models.vgg import (
@@ -93,6 +93,7 @@ __all__ = [
     "ModelFamily",
     "apply_with_taps",
     "check_input_size",
+    "conv_kernels",
     "conv_names",
     "count_params",
     "create_model",

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,3 +63,10 @@ def init_variables(model: nn.Module, key: jax.Array, image_size: int) -> dict[st
     x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     variables = jax.jit(lambda k: model.init(k, x))(key)
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def conv_kernels(params: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """Every conv kernel (a 4-D ``kernel``) of a parameter tree, by the path of its module joined with '/'
+    (``conv1_1`` in a VGG, ``layer1_0/conv1/conv`` in a ResNet): the prunable weights, in tree order."""
+    flat = traverse_util.flatten_dict(dict(params))
+    return {"/".join(path[:-1]): k for path, k in flat.items() if path[-1] == "kernel" and k.ndim == 4}

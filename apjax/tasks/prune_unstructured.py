@@ -24,7 +24,7 @@ from apjax.compress.prune import (
     pruning_task,
     validate_prune_config,
 )
-from apjax.compress.unstructured import all_kept_masks, global_magnitude_masks, round_sparsity
+from apjax.compress.unstructured import global_magnitude_masks, round_sparsity
 from apjax.data import HostCache
 from apjax.data.pipeline import TrainBatches
 from apjax.errors import MissingFileError
@@ -35,7 +35,7 @@ from apjax.trainer.files import prepare_workdir, sync_processes, write_json_atom
 from apjax.trainer.loop import run_training
 from apjax.trainer.metrics_log import format_table
 from apjax.trainer.optim import create_learning_rate_fn, create_optimizer
-from apjax.trainer.state import TrainState, mask_params
+from apjax.trainer.state import TrainState, all_kept_masks, mask_params
 
 CONFIG_FILE = "configs/prune_unstructured.py"
 BLOCKS = ("distill", "prune")  # the config blocks this task reads beyond the common ones

@@ -1,7 +1,7 @@
 """The ``quantize`` task: attribution-preserving quantization-aware training (issue 15 part 2).
 
 A trained network (``config.quant.source_workdir``: the teacher itself when empty, or a distilled student)
-is quantized with :func:`apjax.compress.quantize.quantize_model` (qwix's quantized training; schemes
+is quantized with :func:`apjax.models.quantized.quantize_model` (qwix's quantized training; schemes
 ``int8``: int8 weights and activations, ``int4w``: int4 weights) and fine-tuned with
 
     L = BCE + beta * sum_taps matching(M_quantized, M_teacher)
@@ -30,9 +30,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from apjax.compress.distill import load_teacher, teacher_config, validate_distill_config
 from apjax.compress.prune import fresh_state, methods, pruning_steps
-from apjax.compress.quantize import model_size_bytes, quant_bits_of, scheme
+from apjax.compress.quantize import model_size_bytes
 from apjax.errors import ConfigError, MissingFileError
 from apjax.models import create_model
+from apjax.models.quantized import quant_bits_of, scheme
 from apjax.trainer.checkpoints import restore_state
 from apjax.trainer.config import build_model, num_classes_of
 from apjax.trainer.files import load_workdir_config

@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from apjax.compress.quantize import quant_bits_of, quantize_model
 from apjax.data import DATASETS, HostCache, check_data_config, class_names, load_cached_split
 from apjax.data.synthetic import SyntheticConfig
 from apjax.errors import ConfigError
 from apjax.models import INITS, create_model, family_of
+from apjax.models.quantized import quant_bits_of, quantize_model
 from apjax.trainer.files import sync_processes
 
 PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -107,7 +107,7 @@ def synthetic_config(config: ml_collections.ConfigDict) -> SyntheticConfig:
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
     """The config's model (``config.model``, precision, dropout, init) with ``num_classes`` outputs,
-    quantized (:func:`apjax.compress.quantize.quantize_model`) when the config has a ``quant`` block: a
+    quantized (:func:`apjax.models.quantized.quantize_model`) when the config has a ``quant`` block: a
     quantized run's workdir rebuilds its quantized model from its ``config.json``."""
     model = create_model(
         config.model,

@@ -17,9 +17,8 @@ import ml_collections
 import optax
 from flax import traverse_util
 
-from apjax.compress.unstructured import all_kept_masks
 from apjax.errors import ConfigError
-from apjax.models import family_of, init_variables
+from apjax.models import conv_kernels, family_of, init_variables
 from apjax.models.torch_import import load_state_dict
 
 
@@ -74,6 +73,12 @@ def create_train_state(
         rng=jax.random.key_data(run_key),
         masks=kept,
     )
+
+
+def all_kept_masks(params: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """Pruning masks that keep every conv weight (sparsity 0): conv name -> all-True bool array of that
+    conv's kernel shape, for every 4-D conv kernel of ``params`` (:func:`apjax.models.conv_kernels`)."""
+    return {name: jnp.ones(k.shape, bool) for name, k in conv_kernels(params).items()}
 
 
 def import_weights(model, path: str, variables: dict[str, Any]) -> dict[str, Any]:
