@@ -1,4 +1,5 @@
-"""Test-wide settings: eight host devices (for sharding tests) and short compiles on the CPU."""
+"""Test-wide settings: eight host devices (for sharding tests), short compiles on the CPU, one compilation
+cache for the session, and how many pytest-xdist workers ``-n auto`` starts."""
 
 import os
 
@@ -8,7 +9,8 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
 
-# One persistent compilation cache for the session, shared with the subprocesses the tests start: many
+# One persistent compilation cache for the session, shared with the xdist workers (they inherit this
+# process's environment) and the subprocesses the tests start: many
 # tests jit the same computation (the same tiny nets, steps and evaluations) under new Python closures,
 # which jax's in-memory caches cannot see; the persistent cache is keyed on the program, so each program
 # compiles once per session. A fresh directory each session: nothing carries over between runs.
@@ -31,6 +33,15 @@ jax.config.update("jax_disable_most_optimizations", True)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+MAX_WORKERS = 4  # each worker holds its own jax (about 4 GB resident at peak) and session teacher
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject's addopts): one worker per CPU core, at most ``MAX_WORKERS``. The tests are
+    mostly XLA compiles, each on one core, so two cores run the suite in about 60% of the time of one
+    process; ``-n 0`` runs everything in this process (for ``--pdb`` or a single test)."""
+    return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
 
 
 def write_torchvision_npz(path, widths, seed: int = 0) -> None:
@@ -60,3 +71,28 @@ def teacher_dir(tmp_path_factory):
     train_and_evaluate(c, workdir)
     weights.unlink()
     return workdir
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_run(tmp_path_factory):
+    """A tiny teacher (``tiny_config``'s defaults: 3 epochs of 3 steps) trained with ``train_and_evaluate``
+    while a probe watched its jitted train step: ``(root, probe, compile_log)``, its workdir
+    ``root / 'teacher'`` (tests/test_compile_once.py reads the probe, tests/test_train.py the workdir)."""
+    from apjax.tasks import teacher as teacher_task
+    from apjax.tasks import train_and_evaluate
+    from tests.test_compile_once import StepProbe, compile_log
+    from tests.test_train import tiny_config
+
+    root = tmp_path_factory.mktemp("tiny_teacher")
+    probes = []
+    original = teacher_task.make_train_step
+    with pytest.MonkeyPatch.context() as mp, compile_log() as log:
+
+        def probed(*args, **kwargs):
+            probes.append(StepProbe(original(*args, **kwargs), log))
+            return probes[-1]
+
+        mp.setattr(teacher_task, "make_train_step", probed)
+        train_and_evaluate(tiny_config(root / "data"), root / "teacher")
+    assert len(probes) == 1
+    return root, probes[0], log

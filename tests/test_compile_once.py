@@ -1,7 +1,8 @@
 """The training steps compile once: over several steps, across epoch boundaries and evaluations.
 
 ``apjax.tasks.train_and_evaluate`` runs a tiny teacher (3 epochs of 3 steps, an evaluation and checkpoints
-after each epoch) and then a tiny SSWA distillation from that teacher. The jitted step the task builds is
+after each epoch: the session's ``tiny_teacher_run``, tests/conftest.py) and then a tiny SSWA distillation
+from that teacher. The jitted step the task builds is
 wrapped, so the test sees every call: jax's compile log (``jax.log_compiles``) must report a compilation
 during the first call only, the step's jit cache must hold one entry at the end, and from the second
 epoch on nothing at all may compile (so neither the evaluation, the metrics accumulation nor the
@@ -17,7 +18,6 @@ import jax
 import pytest
 
 from apjax.compress import distill
-from apjax.tasks import teacher as teacher_task
 from apjax.tasks import train_and_evaluate
 from configs import vgg16_kd
 from tests.test_train import tiny_config
@@ -85,32 +85,13 @@ def _check_probe(probe: StepProbe, log: _CompileLog) -> None:
     assert window == [], window
 
 
-@pytest.fixture(scope="module")
-def teacher_run(tmp_path_factory):
-    """A tiny teacher trained with train_and_evaluate, and the probe of its train step."""
-    root = tmp_path_factory.mktemp("compile_once")
-    config = tiny_config(root / "data")
-    probes: list[StepProbe] = []
-    original = teacher_task.make_train_step
-    with pytest.MonkeyPatch.context() as mp, compile_log() as log:
-
-        def probed(*args, **kwargs):
-            probes.append(StepProbe(original(*args, **kwargs), log))
-            return probes[-1]
-
-        mp.setattr(teacher_task, "make_train_step", probed)
-        train_and_evaluate(config, root / "teacher")
-    assert len(probes) == 1
-    return root, probes[0], log
-
-
-def test_teacher_step_compiles_once(teacher_run):
-    _, probe, log = teacher_run
+def test_teacher_step_compiles_once(tiny_teacher_run):
+    _, probe, log = tiny_teacher_run
     _check_probe(probe, log)
 
 
-def test_distill_step_compiles_once(teacher_run):
-    root, _, _ = teacher_run
+def test_distill_step_compiles_once(tiny_teacher_run):
+    root, _, _ = tiny_teacher_run
     c = vgg16_kd.get_config("data=synthetic,small,method=sswa")
     c.data = tiny_config(root / "data").data
     c.model, c.batch_size = STUDENT, 16

@@ -199,9 +199,12 @@ def test_distill_loss_wiring_against_independent_float64():
                  sswa_drop=0.3, temperature=4.0, alpha=0.9, kd_log_eps=0.0)
         )  # fmt: skip
         keys = (jax.random.key(7), jax.random.key(8))
-        loss, aux = distill.distill_loss(
-            sv["params"], student, sv["batch_stats"], teacher, tv, x, labels, d, *keys
+        # One compiled loss for the value, its gradient and the finite differences (op by op, the second
+        # order through the nets dispatches thousands of small programs).
+        loss_fn = jax.jit(
+            lambda p: distill.distill_loss(p, student, sv["batch_stats"], teacher, tv, x, labels, d, *keys)
         )
+        loss, aux = loss_fn(sv["params"])
 
         # Teacher: eval mode, its own top-1 class.
         t_logits = np.asarray(teacher.apply(tv, x))
@@ -243,16 +246,13 @@ def test_distill_loss_wiring_against_independent_float64():
             assert abs(alt - match) > 1e-3 * match, name
 
         # The gradient through the maps (second order) against central differences along a direction.
-        grads = jax.grad(lambda p: distill.distill_loss(p, student, sv["batch_stats"], teacher, tv, x, labels,
-                                                        d, *keys)[0])(sv["params"])  # fmt: skip
+        grads = jax.jit(jax.grad(lambda p: loss_fn(p)[0]))(sv["params"])
         direction = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape)), sv["params"])
         eps = 1e-6
 
         def at(sign):
             p = jax.tree.map(lambda a, v: a + sign * eps * v, sv["params"], direction)
-            return float(
-                distill.distill_loss(p, student, sv["batch_stats"], teacher, tv, x, labels, d, *keys)[0]
-            )
+            return float(loss_fn(p)[0])
 
         fd = (at(1) - at(-1)) / (2 * eps)
         analytic = sum(

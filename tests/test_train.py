@@ -1,10 +1,6 @@
 """The trainer: schedule, optimizer, loss, config checks, devices, kill-and-resume, eval round trip."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import jax
@@ -27,8 +23,6 @@ from apjax.trainer.optim import create_learning_rate_fn, create_optimizer
 from apjax.trainer.state import create_train_state
 from configs import teacher_vgg16
 from configs.common import parse_arg
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(data_dir, **overrides):
@@ -206,46 +200,11 @@ def test_one_step_on_eight_devices_equals_one_device(tmp_path):
     assert int(eight.step) == 2
 
 
-# A run in a subprocess (one CPU device), optionally SIGKILLed by itself right after its first
-# checkpoint is complete on disk.
-DRIVER = textwrap.dedent(
-    """
-    import os, signal, sys
-    sys.path.insert(0, {root!r})
-    from apjax.tasks import train_and_evaluate
-    from apjax.trainer.checkpoints import Checkpoints
-    from tests.test_train import tiny_config
-    if {kill}:
-        original = Checkpoints.save_latest
-        def save_then_die(self, state, meta):
-            original(self, state, meta)
-            self.latest.wait_until_finished()
-            os.kill(os.getpid(), signal.SIGKILL)
-        Checkpoints.save_latest = save_then_die
-    train_and_evaluate(tiny_config({data!r}), {workdir!r})
-    """
-)
-
-
-def _run(tmp_path, workdir, kill=False):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "true"
-    code = DRIVER.format(root=str(ROOT), kill=kill, data=str(tmp_path / "data"), workdir=str(workdir))
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-
-
-def _final_params(workdir):
-    c = tiny_config(workdir.parent / "data")
-    _, state, meta = restore_state(c, workdir, "latest")
-    return jax.device_get(state), meta
-
-
-def test_eval_reproduces_the_logged_map(tmp_path):
+def test_eval_reproduces_the_logged_map(tiny_teacher_run):
     # (Killing and resuming runs is tested at random points in tests/test_reliability.py.)
-    straight = tmp_path / "straight"
-    r = _run(tmp_path, straight)
-    assert r.returncode == 0, r.stderr[-3000:]
-    _, meta = _final_params(straight)
+    root, _, _ = tiny_teacher_run
+    straight = root / "teacher"
+    _, _, meta = restore_state(tiny_config(root / "data"), straight, "latest")
     assert meta["step"] == 9
 
     # eval.py's library call on the best checkpoint reproduces the mAP logged for it in training.
