@@ -22,6 +22,9 @@ from apjax.tasks import train_and_evaluate
 from configs import vgg16_kd
 from tests.test_train import tiny_config
 
+# On one xdist worker with tests/test_train.py's eval test: both read the session's tiny_teacher_run.
+pytestmark = pytest.mark.xdist_group("tiny_teacher")
+
 STUDENT = "2,2,M,4,4,M,4,4,4,M,8,8,8,M,8,8,8,M"
 STEPS_PER_EPOCH = 3  # 48 training images, batch 16
 EPOCHS = 3

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from apjax.data.pipeline import TrainBatches, data_mesh
 from apjax.trainer.config import load_data
@@ -29,6 +30,9 @@ from tests.test_reliability import (  # noqa: F401  (reference, reliability_env:
     subprocess_env,
     write_config_file,
 )
+
+# On the worker of tests/test_reliability.py, whose session fixtures (reference, reliability_env) it uses.
+pytestmark = pytest.mark.xdist_group("reliability")
 
 CHECKPOINT_DIR = "checkpoints"
 OWN_FILES = ("config.json", "metrics.jsonl", "final_metrics.json")

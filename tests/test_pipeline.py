@@ -13,6 +13,9 @@ from apjax.data.augment import MEAN, STD, train_augment
 from apjax.data.pipeline import TrainBatches, batch_sharding, data_mesh, eval_batches, eval_masks
 from apjax.data.synthetic import SyntheticConfig, generate_example
 
+# The module's fixture is built once, on one xdist worker.
+pytestmark = pytest.mark.xdist_group("pipeline")
+
 GEN = SyntheticConfig(num_classes=6, image_size=40, seed=3)
 SIZES = {"train": 40, "val": 12, "segmentation_val": 10}
 

@@ -38,6 +38,10 @@ from apjax.trainer.files import write_json_atomic
 from configs import vgg16_kd
 from tests.test_train import tiny_config
 
+# One xdist worker runs this file and tests/test_distributed.py: they share the session's reference run and
+# its background runs, which another worker would start a second time.
+pytestmark = pytest.mark.xdist_group("reliability")
+
 ROOT = Path(__file__).resolve().parents[1]
 # Five convs and five pools: the training loop of VGG16/8 (32px input) at a fraction of its compile time.
 MODEL = "8,M,8,M,16,M,16,M,16,M"

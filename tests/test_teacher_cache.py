@@ -154,5 +154,3 @@ def test_distillation_trains_from_the_cache(teacher_dir, tmp_path):
     }
     rows = [json.loads(r) for r in (tmp_path / "kd" / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r) and rows[-1]["val/map_cos"] > 0
-
-

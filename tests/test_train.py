@@ -200,6 +200,7 @@ def test_one_step_on_eight_devices_equals_one_device(tmp_path):
     assert int(eight.step) == 2
 
 
+@pytest.mark.xdist_group("tiny_teacher")  # with tests/test_compile_once.py: one tiny_teacher_run
 def test_eval_reproduces_the_logged_map(tiny_teacher_run):
     # (Killing and resuming runs is tested at random points in tests/test_reliability.py.)
     root, _, _ = tiny_teacher_run
