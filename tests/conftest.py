@@ -79,20 +79,9 @@ def tiny_teacher_run(tmp_path_factory):
     while a probe watched its jitted train step: ``(root, probe, compile_log)``, its workdir
     ``root / 'teacher'`` (tests/test_compile_once.py reads the probe, tests/test_train.py the workdir)."""
     from apjax.tasks import teacher as teacher_task
-    from apjax.tasks import train_and_evaluate
-    from tests.test_compile_once import StepProbe, compile_log
+    from tests.test_compile_once import probed_run
     from tests.test_train import tiny_config
 
     root = tmp_path_factory.mktemp("tiny_teacher")
-    probes = []
-    original = teacher_task.make_train_step
-    with pytest.MonkeyPatch.context() as mp, compile_log() as log:
-
-        def probed(*args, **kwargs):
-            probes.append(StepProbe(original(*args, **kwargs), log))
-            return probes[-1]
-
-        mp.setattr(teacher_task, "make_train_step", probed)
-        train_and_evaluate(tiny_config(root / "data"), root / "teacher")
-    assert len(probes) == 1
-    return root, probes[0], log
+    probe, log = probed_run(teacher_task, "make_train_step", tiny_config(root / "data"), root / "teacher")
+    return root, probe, log

@@ -76,6 +76,24 @@ class StepProbe:
         return out
 
 
+def probed_run(module, step_factory: str, config, workdir) -> tuple[StepProbe, _CompileLog]:
+    """Runs ``train_and_evaluate(config, workdir)`` with ``module.<step_factory>`` (the task's builder of its
+    jitted step) wrapped so that the one step it builds is probed: (that probe, the compile log)."""
+
+    probes: list[StepProbe] = []
+    original = getattr(module, step_factory)
+    with pytest.MonkeyPatch.context() as mp, compile_log() as log:
+
+        def probed(*args, **kwargs):
+            probes.append(StepProbe(original(*args, **kwargs), log))
+            return probes[-1]
+
+        mp.setattr(module, step_factory, probed)
+        train_and_evaluate(config, workdir)
+    assert len(probes) == 1
+    return probes[0], log
+
+
 def _check_probe(probe: StepProbe, log: _CompileLog) -> None:
     assert len(probe.compiles_in_call) == EPOCHS * STEPS_PER_EPOCH
     assert probe.compiles_in_call[0], "the first step should have compiled the step"
@@ -101,15 +119,5 @@ def test_distill_step_compiles_once(tiny_teacher_run):
     c.num_epochs, c.lr_decay_epochs, c.log_every_steps = EPOCHS, (2,), 2
     c.distill.teacher_workdir = str(root / "teacher")
     c.distill.taps = ("conv5_3",)
-    probes: list[StepProbe] = []
-    original = distill.make_distill_step
-    with pytest.MonkeyPatch.context() as mp, compile_log() as log:
-
-        def probed(*args, **kwargs):
-            probes.append(StepProbe(original(*args, **kwargs), log))
-            return probes[-1]
-
-        mp.setattr(distill, "make_distill_step", probed)
-        train_and_evaluate(c, root / "sswa")
-    assert len(probes) == 1
-    _check_probe(probes[0], log)
+    probe, log = probed_run(distill, "make_distill_step", c, root / "sswa")
+    _check_probe(probe, log)
