@@ -10,10 +10,10 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
     ).strip()
 
 # One persistent compilation cache for the session, shared with the xdist workers (they inherit this
-# process's environment) and the subprocesses the tests start: many
-# tests jit the same computation (the same tiny nets, steps and evaluations) under new Python closures,
-# which jax's in-memory caches cannot see; the persistent cache is keyed on the program, so each program
-# compiles once per session. A fresh directory each session: nothing carries over between runs.
+# process's environment) and the subprocesses the tests start: many tests jit the same computation (the
+# same tiny nets, steps and evaluations) under new Python closures, which jax's in-memory caches cannot
+# see; the persistent cache is keyed on the program, so each program compiles once per session. A fresh
+# directory each session: nothing carries over between runs.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ and not os.environ.get("APJAX_TEST_NO_CACHE"):
     import atexit
     import shutil
@@ -39,8 +39,9 @@ MAX_WORKERS = 4  # each worker holds its own jax (about 4 GB resident at peak) a
 
 def pytest_xdist_auto_num_workers(config):
     """``-n auto`` (pyproject's addopts): one worker per CPU core, at most ``MAX_WORKERS``. The tests are
-    mostly XLA compiles, each on one core, so two cores run the suite in about 60% of the time of one
-    process; ``-n 0`` runs everything in this process (for ``--pdb`` or a single test)."""
+    mostly XLA compiles, each on one core, so two workers on two cores run the suite in about two thirds
+    of the time of one process (702 s against 1,052 s, docs/performance.md); ``-n 0`` runs everything in this
+    process (for ``--pdb`` or a single test)."""
     return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
 
 

@@ -2,11 +2,11 @@
 
 ``apjax.tasks.train_and_evaluate`` runs a tiny teacher (3 epochs of 3 steps, an evaluation and checkpoints
 after each epoch: the session's ``tiny_teacher_run``, tests/conftest.py) and then a tiny SSWA distillation
-from that teacher. The jitted step the task builds is
-wrapped, so the test sees every call: jax's compile log (``jax.log_compiles``) must report a compilation
-during the first call only, the step's jit cache must hold one entry at the end, and from the second
-epoch on nothing at all may compile (so neither the evaluation, the metrics accumulation nor the
-checkpointing of the first epoch left anything shape- or dtype-unstable behind).
+from that teacher. The jitted step the task builds is wrapped, so the test sees every call: jax's compile
+log (``jax.log_compiles``) must report a compilation during the first call only, the step's jit cache must
+hold one entry at the end, and from the second epoch on nothing at all may compile (so neither the
+evaluation, the metrics accumulation nor the checkpointing of the first epoch left anything shape- or
+dtype-unstable behind).
 """
 
 from __future__ import annotations
@@ -79,7 +79,6 @@ class StepProbe:
 def probed_run(module, step_factory: str, config, workdir) -> tuple[StepProbe, _CompileLog]:
     """Runs ``train_and_evaluate(config, workdir)`` with ``module.<step_factory>`` (the task's builder of its
     jitted step) wrapped so that the one step it builds is probed: (that probe, the compile log)."""
-
     probes: list[StepProbe] = []
     original = getattr(module, step_factory)
     with pytest.MonkeyPatch.context() as mp, compile_log() as log:

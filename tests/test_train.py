@@ -204,17 +204,17 @@ def test_one_step_on_eight_devices_equals_one_device(tmp_path):
 def test_eval_reproduces_the_logged_map(tiny_teacher_run):
     # (Killing and resuming runs is tested at random points in tests/test_reliability.py.)
     root, _, _ = tiny_teacher_run
-    straight = root / "teacher"
-    _, _, meta = restore_state(tiny_config(root / "data"), straight, "latest")
+    workdir = root / "teacher"
+    _, _, meta = restore_state(tiny_config(root / "data"), workdir, "latest")
     assert meta["step"] == 9
 
     # eval.py's library call on the best checkpoint reproduces the mAP logged for it in training.
-    logged = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     best = max((r for r in logged if "val/mAP" in r), key=lambda r: r["val/mAP"])
-    result = evaluate_workdir(straight, "best", "val")
+    result = evaluate_workdir(workdir, "best", "val")
     assert result["step"] == best["step"]
     np.testing.assert_allclose(result["mAP"], best["val/mAP"], atol=1e-4)
-    assert (straight / "eval_best_val.json").exists() and (straight / "config.json").exists()
+    assert (workdir / "eval_best_val.json").exists() and (workdir / "config.json").exists()
 
 
 def test_resume_refuses_another_config(tmp_path):

@@ -26,8 +26,8 @@ training updates; the model's class is a subclass of the original, so its taps, 
   d input uses the float head weights (which differ from the int ones by at most half a step).
 
 So tap gradients (and the SWA maps built on them) run through the quantized forward pass with qwix's
-straight-through backward pass.
-What a deployed model stores is counted in :mod:`apjax.compress.quantize`.
+straight-through backward pass. What a deployed model stores is counted in
+:mod:`apjax.compress.quantize`.
 """
 
 from __future__ import annotations
