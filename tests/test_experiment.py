@@ -44,6 +44,7 @@ def cell(md: str, first_cells: list[str], column: str) -> str:
     raise AssertionError(f"no row {first_cells} in the report")
 
 
+@pytest.mark.default_xla
 def test_tiny_sweep_reports_its_stages_numbers_and_skips_finished_stages(tmp_path, capsys):
     c = tiny_sweep(tmp_path)
     root = tmp_path / "sweep"

@@ -46,6 +46,7 @@ def _config(tmp_path, method="sswa", draws=2, dtype="float32"):
     return c
 
 
+@pytest.mark.default_xla
 @pytest.mark.parametrize("method", ["sswa"])  # activations, pooled gradients and masks (EWA reads a subset)
 def test_cached_loss_and_gradient_equal_the_live_ones_bit_for_bit(tmp_path, method):
     c = _config(tmp_path, method)

@@ -234,6 +234,7 @@ def test_overlay_blends_the_colormap_over_the_denormalised_image():
     np.testing.assert_array_equal(g[3:4, 4:6], rgb)
 
 
+@pytest.mark.default_xla
 def test_map_grid_draws_teacher_and_student_maps_side_by_side(teacher_dir):
     from apjax.evaluators.context import load_run
     from apjax.trainer.config import load_data
