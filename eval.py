@@ -4,6 +4,8 @@ r"""Evaluates trained runs: classification metrics of a checkpoint, and localisa
   python eval.py --workdir workdirs/teacher_small --checkpoint latest --split train
   python eval.py --workdir workdirs/teacher_small --workdir workdirs/kd_small --workdir workdirs/sswa_small \
       --methods gradcam,excitation_bp,lrp,rap --out results/kd_small
+  python eval.py --workdir workdirs/teacher_small --workdir workdirs/kd_small \
+      --methods rise,occlusion --method_options rise_masks=2000    # black-box maps (probabilities only)
 
   python eval.py --workdir workdirs/kd_small --evals localization,similarity
 
@@ -26,6 +28,7 @@ from ml_collections import config_flags
 
 from apjax import cli, evaluation, evaluators
 from apjax.attribution.methods import attribution_methods, method_label
+from apjax.errors import ConfigError
 from apjax.localization_table import localization_table
 from apjax.trainer.checkpoints import CHECKPOINTS
 from apjax.trainer.evaluation import CLASSIFICATION_PERCENT
@@ -49,8 +52,22 @@ flags.DEFINE_integer("batch_size", 32, "Pairs per attribution batch.")
 flags.DEFINE_integer("figure_images", 6, "Images per figure.")
 flags.DEFINE_integer("ig_steps", 32, "Integrated Gradients steps.")
 flags.DEFINE_integer("smoothgrad_samples", 16, "SmoothGrad samples.")
+flags.DEFINE_list(
+    "method_options",
+    [],
+    "Other settings of the attribution methods as key=value (fields of "
+    "apjax.attribution.methods.MethodOptions), e.g. rise_masks=6000,occlusion_size=16.",
+)
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-process runs).")
 flags.mark_flags_as_required(["workdir"])
+
+
+def _key_values(items: list[str]) -> dict[str, str]:
+    """``['a=1', 'b=2']`` -> ``{'a': '1', 'b': '2'}``; ``ConfigError`` for an item without ``=``."""
+    bad = [item for item in items if "=" not in item]
+    if bad:
+        raise ConfigError(f"--method_options takes key=value items, not {bad}.")
+    return dict(item.split("=", 1) for item in items)
 
 
 def main(argv: list[str]) -> None:
@@ -71,6 +88,7 @@ def main(argv: list[str]) -> None:
                 figure_images=f.figure_images,
                 ig_steps=f.ig_steps,
                 smoothgrad_samples=f.smoothgrad_samples,
+                method_options=_key_values(f.method_options),
             )
             if jax.process_index() == 0:
                 print(localization_table(results, {m: method_label(m) for m in results["methods"]}))

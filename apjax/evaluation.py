@@ -5,7 +5,9 @@ their numbers together and writes the files. It sits above the evaluators and th
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +194,7 @@ def localization_report(
     figure_images: int = 6,
     ig_steps: int = 32,
     smoothgrad_samples: int = 16,
+    method_options: Mapping[str, Any] | None = None,
 ) -> dict:
     """Classification and localisation of a teacher (first workdir) and its students, per method.
 
@@ -202,25 +205,25 @@ def localization_report(
     its maps (mean per-pixel ROC-AUC and pointing accuracy over the run's pairs, class in the mask AND
     predicted, the reference's cumulative pointing variant, the count of constant maps, ``pairs_per_s``)
     and, for each student, the cosine similarity and l2 distance of its maps to the teacher's (min-max
-    normalised at the input size) on the pairs both predict. Writes ``localization.json``,
-    ``localization.md`` and ``figures/<method>.png`` to ``out_dir`` (default:
-    ``<first workdir>/localization``).
+    normalised at the input size) on the pairs both predict. ``method_options`` sets any other field of
+    :class:`apjax.attribution.methods.MethodOptions` (RISE's masks, occlusion's patch, ...); the JSON
+    records them all. Writes ``localization.json``, ``localization.md`` and ``figures/<method>.png`` to
+    ``out_dir`` (default: ``<first workdir>/localization``).
     """
     check_methods(methods)
     runs = [load_run(w, which) for w in workdirs]
     _check_comparable(runs)
     base = EvalContext(runs[0].config, runs[0].model, data_mesh())
     options = dict(methods=methods, tolerance=tolerance, batch_size=batch_size, ig_steps=ig_steps)
-    locs = [
-        loc_eval.Evaluator(base.for_run(r.config, r.model), **options, smoothgrad_samples=smoothgrad_samples)
-        for r in runs
-    ]
+    options.update(smoothgrad_samples=smoothgrad_samples, method_options=method_options)
+    locs = [loc_eval.Evaluator(base.for_run(r.config, r.model), **options) for r in runs]
     results: dict = {
         "runs": {},
         "format": REPORT_FORMAT,
         "run_order": [r.name for r in runs],  # the teacher first (the JSON's keys are sorted)
         "methods": list(methods),
         "tolerance": tolerance,
+        "method_options": dataclasses.asdict(locs[0].options),
         "image_size": base.image_size,
     }
     pairs = [ev.pairs(r.variables) for r, ev in zip(runs, locs, strict=True)]

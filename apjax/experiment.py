@@ -39,6 +39,7 @@ import fnmatch
 import json
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ import jax
 import ml_collections
 
 from apjax import evaluation
-from apjax.attribution.methods import check_methods
+from apjax.attribution.methods import check_methods, method_options
 from apjax.errors import ConfigError
 from apjax.models import family_of
 from apjax.report import write_report
@@ -149,6 +150,7 @@ def validate_sweep(config: ml_collections.ConfigDict, stages: list[Stage]) -> No
             )
     check_methods(config.eval_methods, "config.eval_methods")
     check_methods(config.table8_methods, "config.table8_methods")
+    method_options(config.get("method_options"))  # a ConfigError names a bad one now, not after training
     names = [s.name for s in stages]
     for pattern in _patterns(config.only):
         if not fnmatch.filter(names, pattern):
@@ -203,6 +205,7 @@ def _run_eval(root: Path, stage: Stage, stages: list[Stage], config) -> str:
     if not groups:
         return "skipped: the teacher is not trained yet"
     methods = tuple(config.eval_methods if stage.kind == "eval" else config.table8_methods)
+    options = dict(config.get("method_options") or {})
     evaluated = 0
     for seed, runs in groups:
         out = eval_dir(root, stage.name, seed)
@@ -211,6 +214,9 @@ def _run_eval(root: Path, stage: Stage, stages: list[Stage], config) -> str:
         if done.exists():
             previous = json.loads(done.read_text())
             same = previous.get("run_order") == names and previous["methods"] == list(methods)
+            # (a report from before the options were recorded had the defaults)
+            current = asdict(method_options(options))
+            same = same and previous.get("method_options", current) == current
             if same and previous.get("format") == evaluation.REPORT_FORMAT:
                 continue
         evaluation.localization_report(
@@ -219,6 +225,7 @@ def _run_eval(root: Path, stage: Stage, stages: list[Stage], config) -> str:
             out_dir=out,
             batch_size=config.eval_batch_size,
             figure_images=config.figure_images,
+            method_options=options,
         )
         evaluated += len(names)
     return f"evaluated {evaluated} runs" if evaluated else "skipped: already covers these runs"

@@ -35,8 +35,12 @@ every training stage per seed (``kd_x2_sswa``, ``kd_x2_sswa@s1``, ...) and the r
 
 from __future__ import annotations
 
-import ml_collections
+import dataclasses
 
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from apjax.attribution.methods import MethodOptions
 from apjax.compress.matching import matching_methods
 from configs import (
     prune_structured,
@@ -52,6 +56,14 @@ from configs.common import data_config, parse_arg
 # The matching weight of the demo and science variants' students (the small variant's configs use 10): at
 # this scale a larger beta costs classification (docs/results.md, "Matching's cost at the demo's scale").
 DEMO_BETA = 10.0
+
+
+def method_options_config() -> ml_collections.ConfigDict:
+    """Every field of :class:`MethodOptions` at its default (a field without one takes an int)."""
+    options = dataclasses.asdict(MethodOptions())
+    return ml_collections.ConfigDict(
+        {k: placeholder(int) if v is None else v for k, v in options.items()}
+    )
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -84,7 +96,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.quant_bits = ("int8", "int4w")
     c.quant_methods = ("naive", *matching_methods())
     c.eval_methods = ("gradcam",)  # Tables 1, 2, 4-7
-    c.table8_methods = ("gradcam", "excitation_bp", "lrp", "rap")  # teacher and the smallest student
+    # Teacher and the smallest student; RISE and occlusion are black-box (not in the paper's Table 8).
+    c.table8_methods = ("gradcam", "excitation_bp", "lrp", "rap", "rise", "occlusion")
+    # The attribution methods' settings (apjax.attribution.methods.MethodOptions: RISE's masks, occlusion's
+    # patch, ...), e.g. --config.method_options.rise_masks=6000 (RISE's own N at 224 px).
+    c.method_options = method_options_config()
     c.eval_batch_size = 32
     c.figure_images = 6
 
@@ -103,7 +119,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.quantize.dropout_rate = 0.0
         c.quantize.distill.taps = c.kd.distill.taps
         c.prune_kinds = ("unstructured",)  # structured pruning cuts a plain conv chain (VGG) only
-        c.table8_methods = ("gradcam",)  # Excitation BP, LRP and RAP walk a plain conv chain (VGG) only
+        # Excitation BP, LRP and RAP walk a plain conv chain (VGG) only.
+        c.table8_methods = ("gradcam", "rise", "occlusion")
     for stage in (c.teacher, c.kd, c.prune_unstructured, c.prune_structured, c.quantize):
         del stage["data"]  # the sweep's config.data is used by every stage
         if variant == "paper":

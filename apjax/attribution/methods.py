@@ -2,12 +2,14 @@
 
 :data:`ATTRIBUTION_METHODS` maps a method's name to its :class:`AttributionMethod`: its label in tables and
 its ``build(model, options) -> map_fn``, where ``map_fn(variables, x (B, H, W, 3), class_index int (B,),
-example_id int (B,)) -> (B, h, w)`` is the attribution of each image for its class, from a one-hot seed
-on that class's logit, with the model in eval mode (not jitted: the evaluators compose it into their own
-sharded programs). ``example_id`` names each example (the evaluation passes ``image * K + class``) for
-methods that draw noise (SmoothGrad folds it into its key), so a pair's map does not depend on the batch it
-is computed in. Maps come at their method's own resolution (Grad-CAM and Excitation Backprop at the
-Grad-CAM tap, the others at the input); the evaluation resizes them bilinearly to the input size.
+example_id int (B,)) -> (B, h, w)`` is the attribution of each image for its class, with the model in
+eval mode (not jitted: the evaluators compose it into their own sharded programs): the gradient and
+rule-based methods start from a one-hot seed on that class's logit; RISE and occlusion read only the
+model's class probabilities (black-box, :mod:`apjax.attribution.perturbation`). ``example_id`` names
+each example (the evaluation passes ``image * K + class``) for methods that draw noise (SmoothGrad folds
+it into its key), so a pair's map does not depend on the batch it is computed in. Maps come at their
+method's own resolution (Grad-CAM and Excitation Backprop at the Grad-CAM tap, the others at the input);
+the evaluation resizes them bilinearly to the input size.
 
 Adding a method is one entry; validation, the configs, the sweep and the report read
 :func:`attribution_methods` and :func:`method_label`.
@@ -22,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from apjax.attribution import gradients, rules
+from apjax.attribution import gradients, perturbation, rules
 from apjax.attribution.maps import gradcam_map
 from apjax.errors import ConfigError
 from apjax.models import family_of, tap_gradients
@@ -30,14 +32,70 @@ from apjax.models import family_of, tap_gradients
 MapFn = Callable[[Mapping[str, Any], jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class MethodOptions:
-    """The methods' settings: Integrated Gradients' steps, SmoothGrad's samples, noise and seed."""
+    """The methods' settings.
+
+    Integrated Gradients' ``ig_steps``; SmoothGrad's ``smoothgrad_samples`` and ``smoothgrad_noise``; RISE's
+    ``rise_masks`` (N), ``rise_cells`` (s), ``rise_keep`` (p) and ``rise_chunk`` (masks per forward pass,
+    dividing N); occlusion's ``occlusion_size`` and ``occlusion_stride`` in pixels (None: an eighth of the
+    image's shorter side, rounded up, and half the patch, rounded up) and ``occlusion_baseline``; ``seed``
+    keys SmoothGrad's noise and RISE's masks.
+
+    RISE's own code uses N = 6000, s = 8, p = 0.1 at 224 px; the default N = 1000 keeps s and p and costs a
+    sixth of the forward passes (1000 per map), a CPU-sized choice: at N = 1000 a map's Monte-Carlo error
+    per pixel is about 2.4 times that at 6000 (it falls as 1 / sqrt(N)).
+    """
 
     ig_steps: int = 32
     smoothgrad_samples: int = 16
     smoothgrad_noise: float = 0.15
+    rise_masks: int = 1000
+    rise_cells: int = 8
+    rise_keep: float = 0.1
+    rise_chunk: int = 50
+    occlusion_size: int | None = None
+    occlusion_stride: int | None = None
+    occlusion_baseline: float = 0.0
     seed: int = 0
+
+    def __post_init__(self):
+        counts = ("ig_steps", "smoothgrad_samples", "rise_masks", "rise_cells", "rise_chunk")
+        bad = [f"{k}={getattr(self, k)}" for k in counts if getattr(self, k) < 1]
+        bad += [f"{k}={getattr(self, k)}" for k in ("occlusion_size", "occlusion_stride")
+                if getattr(self, k) is not None and getattr(self, k) < 1]  # fmt: skip
+        if bad:
+            raise ConfigError(f"attribution method options {bad} must be at least 1.")
+        if not 0 < self.rise_keep <= 1:
+            raise ConfigError(f"rise_keep={self.rise_keep} is RISE's keep probability; choose one in (0, 1].")
+        if self.rise_masks % self.rise_chunk:
+            raise ConfigError(
+                f"rise_masks={self.rise_masks} does not split into chunks of rise_chunk={self.rise_chunk}; "
+                "choose a chunk that divides the masks."
+            )
+
+
+def method_options(overrides: Mapping[str, Any] | None = None, **settings) -> MethodOptions:
+    """:class:`MethodOptions` of ``settings`` updated by ``overrides`` (``config.method_options``, eval.py's
+    ``--method_options``); strings are converted to the field's type. ``ConfigError`` names an unknown
+    field or a value of the wrong type."""
+    fields = {f.name: f for f in dataclasses.fields(MethodOptions)}
+    values = dict(settings)
+    for name, value in dict(overrides or {}).items():
+        if name not in fields:
+            raise ConfigError(f"unknown attribution method option {name!r}; choose from {list(fields)}.")
+        default = getattr(MethodOptions(), name)
+        kind = float if isinstance(default, float) else int
+        if isinstance(value, str):
+            if value.lower() == "none" and default is None:
+                values[name] = None
+                continue
+            try:
+                value = kind(value)
+            except ValueError:
+                raise ConfigError(f"attribution method option {name}={value!r} is not a number.") from None
+        values[name] = value
+    return MethodOptions(**values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +168,37 @@ def _integrated_gradients(model, o: MethodOptions) -> MapFn:
     return lambda v, x, cls, ids: gradients.integrated_gradients_map(model, v, x, cls, steps=o.ig_steps)
 
 
+def _probabilities(model, variables):
+    """The model as a black box: ``(M, H, W, 3) -> (M, K)`` class probabilities, sigmoid of the logits
+    (eval mode); what RISE and occlusion read, and all they read."""
+    return lambda images: jax.nn.sigmoid(model.apply(variables, images).astype(jnp.float32))
+
+
+def _rise(model, o: MethodOptions) -> MapFn:
+    def fn(v, x, cls, ids):
+        key = jax.random.fold_in(jax.random.key(o.seed), 1)  # the same masks for every image and batch
+        masks = perturbation.rise_masks(key, o.rise_masks, x.shape[1], x.shape[2], o.rise_cells, o.rise_keep)
+        return perturbation.rise_map(_probabilities(model, v), x, cls, masks, o.rise_keep, o.rise_chunk)
+
+    return fn
+
+
+def occlusion_patch(o: MethodOptions, height: int, width: int) -> tuple[int, int]:
+    """Occlusion's (size, stride) in pixels for ``height x width`` inputs: the options' or their
+    defaults (an eighth of the shorter side, rounded up; half the patch, rounded up)."""
+    size = o.occlusion_size or -(-min(height, width) // 8)
+    return size, o.occlusion_stride or -(-size // 2)
+
+
+def _occlusion(model, o: MethodOptions) -> MapFn:
+    def fn(v, x, cls, ids):
+        size, stride = occlusion_patch(o, x.shape[1], x.shape[2])
+        probabilities = _probabilities(model, v)
+        return perturbation.occlusion_map(probabilities, x, cls, size, stride, o.occlusion_baseline)
+
+    return fn
+
+
 def _smoothgrad(model, o: MethodOptions) -> MapFn:
     key = jax.random.key(o.seed)
     return lambda v, x, cls, ids: gradients.smoothgrad_map(
@@ -126,6 +215,8 @@ ATTRIBUTION_METHODS: dict[str, AttributionMethod] = {
     "input_x_gradient": AttributionMethod("Input x Gradient", _input_x_gradient),
     "integrated_gradients": AttributionMethod("Integrated Gradients", _integrated_gradients),
     "smoothgrad": AttributionMethod("SmoothGrad", _smoothgrad),
+    "rise": AttributionMethod("RISE", _rise),
+    "occlusion": AttributionMethod("Occlusion", _occlusion),
 }
 
 
@@ -165,7 +256,9 @@ def attribution_fn(
 ) -> Callable[..., jax.Array]:
     """A jitted ``(x, class_index, example_id=None) -> (B, h, w)`` float32 map of ``method`` for these
     weights (``example_id`` defaults to the position in the batch)."""
-    options = MethodOptions(ig_steps, smoothgrad_samples, smoothgrad_noise, seed)
+    options = MethodOptions(
+        ig_steps=ig_steps, smoothgrad_samples=smoothgrad_samples, smoothgrad_noise=smoothgrad_noise, seed=seed
+    )
     fn = map_fn(method, model, options)
     # The weights are an argument, not a constant baked into the compiled program.
     jitted = jax.jit(lambda v, x, cls, ids: fn(v, x, cls, ids).astype(jnp.float32))

@@ -5,13 +5,14 @@ split, the pairs split over the mesh (:class:`apjax.evaluators.pairs.PairMaps`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from apjax import localization as loc
-from apjax.attribution.methods import MethodOptions, check_methods, map_fn
+from apjax.attribution.methods import check_methods, map_fn
+from apjax.attribution.methods import method_options as method_options_of
 from apjax.evaluators.classification import Evaluator as ClassificationEvaluator
 from apjax.evaluators.context import EvalContext
 from apjax.evaluators.pairs import PairMaps, common_pairs, concat_scores, score_maps, similarity_summary
@@ -21,7 +22,9 @@ class Evaluator:
     """``run(variables)`` -> ``{'<method>/<key>': value}`` with :func:`summarize`'s keys per method.
 
     Config: ``methods`` (registered attribution methods), ``split`` (with masks), ``tolerance`` (pointing,
-    pixels), ``batch_size`` (pairs per global batch), ``ig_steps``, ``smoothgrad_samples``.
+    pixels), ``batch_size`` (pairs per global batch), ``ig_steps``, ``smoothgrad_samples``, and
+    ``method_options`` (any other :class:`apjax.attribution.methods.MethodOptions` field: RISE's masks,
+    occlusion's patch, ...).
     """
 
     def __init__(
@@ -33,11 +36,14 @@ class Evaluator:
         batch_size: int = 32,
         ig_steps: int = 32,
         smoothgrad_samples: int = 16,
+        method_options: Mapping[str, Any] | None = None,
     ):
         check_methods(methods)
         self.ctx, self.methods, self.split = ctx, tuple(methods), split
         self.tolerance, self.batch_size = float(tolerance), batch_size
-        self.options = MethodOptions(ig_steps=ig_steps, smoothgrad_samples=smoothgrad_samples)
+        self.options = method_options_of(
+            method_options, ig_steps=ig_steps, smoothgrad_samples=smoothgrad_samples
+        )
         self._classify = ClassificationEvaluator(ctx, split, batch_size)
         self._engines: dict[str, PairMaps] = {}
 
