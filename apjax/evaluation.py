@@ -205,17 +205,16 @@ def localization_report(
     its maps (mean per-pixel ROC-AUC and pointing accuracy over the run's pairs, class in the mask AND
     predicted, the reference's cumulative pointing variant, the count of constant maps, ``pairs_per_s``)
     and, for each student, the cosine similarity and l2 distance of its maps to the teacher's (min-max
-    normalised at the input size) on the pairs both predict. ``method_options`` sets any other field of
-    :class:`apjax.attribution.methods.MethodOptions` (RISE's masks, occlusion's patch, ...); the JSON
-    records them all. Writes ``localization.json``, ``localization.md`` and ``figures/<method>.png`` to
-    ``out_dir`` (default: ``<first workdir>/localization``).
+    normalised at the input size) on the pairs both predict; ``method_options``: other MethodOptions
+    fields (RISE's masks, ...). Writes ``localization.json``, ``localization.md`` and
+    ``figures/<method>.png`` to ``out_dir`` (default: ``<first workdir>/localization``).
     """
     check_methods(methods)
     runs = [load_run(w, which) for w in workdirs]
     _check_comparable(runs)
     base = EvalContext(runs[0].config, runs[0].model, data_mesh())
-    options = dict(methods=methods, tolerance=tolerance, batch_size=batch_size, ig_steps=ig_steps)
-    options.update(smoothgrad_samples=smoothgrad_samples, method_options=method_options)
+    options = dict(methods=methods, tolerance=tolerance, batch_size=batch_size, ig_steps=ig_steps,
+                   smoothgrad_samples=smoothgrad_samples, method_options=method_options)  # fmt: skip
     locs = [loc_eval.Evaluator(base.for_run(r.config, r.model), **options) for r in runs]
     results: dict = {
         "runs": {},
@@ -223,8 +222,8 @@ def localization_report(
         "run_order": [r.name for r in runs],  # the teacher first (the JSON's keys are sorted)
         "methods": list(methods),
         "tolerance": tolerance,
-        "method_options": dataclasses.asdict(locs[0].options),
         "image_size": base.image_size,
+        "method_options": dataclasses.asdict(locs[0].options),  # the options every method ran with
     }
     pairs = [ev.pairs(r.variables) for r, ev in zip(runs, locs, strict=True)]
     for r, ev, p in zip(runs, locs, pairs, strict=True):
@@ -242,8 +241,8 @@ def localization_report(
         out = Path(out_dir) if out_dir else runs[0].workdir / "localization"
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "localization.json", results)
-        labels = {m: method_label(m) for m in methods}
-        write_text_atomic(out / "localization.md", localization_table(results, labels))
+        table = localization_table(results, {m: method_label(m) for m in methods})
+        write_text_atomic(out / "localization.md", table)
     return results
 
 

@@ -404,7 +404,10 @@ def summarize_pair_scores(scores: dict[str, np.ndarray]) -> dict[str, float]:
 
     Returns ``{'AUC': mean AUC over the pairs with a defined AUC, 'auc_pairs': their number, 'Point': hit
     rate over all pairs (constant maps are misses), 'Point_ref_cumulative': the same with the reference's
-    cumulative target, 'constant_maps': count, 'pairs': P}``; with no pairs the fractions are NaN.
+    cumulative target, 'constant_maps': count, 'pairs': P}``; with no pairs the fractions are NaN. Scores
+    from the device (:mod:`apjax.evaluators.pairs`) also hold the mask metrics of
+    :mod:`apjax.evaluators.mask_metrics` (RMA, RRA, AttrLoc, TopK, EnergyPoint): any other key's mean over
+    the pairs where it is defined (not NaN).
     """
     auc = np.asarray(scores["auc"], np.float64)
     p = len(auc)
@@ -416,7 +419,17 @@ def summarize_pair_scores(scores: dict[str, np.ndarray]) -> dict[str, float]:
         "Point_ref_cumulative": float(np.mean(scores["hit_ref_cumulative"])) if p else float("nan"),
         "constant_maps": int(np.sum(scores["constant"])),
         "pairs": int(p),
+        **{k: _nanmean(v) for k, v in scores.items() if k not in _POINT_AND_AUC_KEYS},
     }
+
+
+_POINT_AND_AUC_KEYS = ("auc", "hit", "hit_ref_cumulative", "constant")
+
+
+def _nanmean(x) -> float:
+    x = np.asarray(x, np.float64)
+    ok = ~np.isnan(x)
+    return float(x[ok].mean()) if ok.any() else float("nan")
 
 
 def localization_summary(maps, masks, pairs, tolerance: float = 0.0) -> dict[str, float]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from apjax.evaluators.mask_metrics import MASK_METRICS
+
 LOCALIZATION_COLUMNS = (
     "model",
     "method",
@@ -81,4 +83,25 @@ def localization_table(results: dict, labels: dict[str, str]) -> str:
                 str(m["constant_maps"]),
             ]
             lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _mask_metrics_table(results, labels, pct)) + "\n"
+
+
+def _mask_metrics_table(results: dict, labels: dict[str, str], pct) -> list[str]:
+    """The mask metrics (percent), a row per model and method; none for a report without them."""
+    rows = []
+    for name in results.get("run_order", results["runs"]):
+        for method, m in results["runs"][name]["methods"].items():
+            if all(k in m for k in MASK_METRICS):
+                cells = [name, labels[method], *(pct(m[k]) for k in MASK_METRICS)]
+                rows.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    legend = (
+        "Against the class's mask, percent, means over the same pairs (apjax/evaluators/mask_metrics.py): "
+        "RMA = share of the map's mass in the mask (Relevance Mass Accuracy); RRA = share of the |mask| "
+        "highest pixels in the mask (Relevance Rank Accuracy); AttrLoc = share of |map| in the mask "
+        "(Attribution Localisation); TopK = share of the top 2% of pixels in the mask (Top-K Intersection); "
+        "EnergyPoint = share of the positive map in the mask's bounding box (energy-based pointing game)."
+    )
+    header = ["model", "method", *MASK_METRICS]
+    return ["", legend, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *rows]

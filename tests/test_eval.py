@@ -74,6 +74,11 @@ def test_localization_report_of_a_teacher_and_an_identical_student(teacher_dir, 
         table_cell(md, row, "F1 (logit >= 0.5, paper's F1)") == f"{100 * student['val']['F1_logit0.5']:.2f}"
     )
     assert table_cell(md, row, "pairs with the teacher (Cos, l2)") == str(teacher["pairs"])
+    masks_table = md[md.index("Against the class's mask") :]  # the second table: the mask metrics
+    for key in ("RMA", "RRA", "AttrLoc", "TopK", "EnergyPoint"):
+        value = student["methods"]["gradient"][key]
+        assert 0.0 <= value <= 1.0 and value == teacher["methods"]["gradient"][key]
+        assert table_cell(masks_table, ["twin", LABELS["gradient"]], key) == f"{100 * value:.2f}"
     # The teacher's config keeps the default criterion: its best checkpoint was chosen by VOC mAP, whose
     # value at training time the report's re-evaluation reproduces.
     assert student["checkpoint"]["checkpoint"] == "best" and student["checkpoint"]["best_metric"] == "mAP"

@@ -53,6 +53,13 @@ def test_sharded_pairs_equal_one_device_and_the_host_metrics(teacher_dir):
         for key in ("hit", "hit_ref_cumulative", "constant"):
             np.testing.assert_array_equal(scores[key], host[key], err_msg=key)
             np.testing.assert_array_equal(sharded[key], single[key], err_msg=key)
+    # The mask metrics of each pair, from their definitions in float64 on the maps that came back.
+    from tests.test_mask_metrics import _numpy_metrics
+
+    for p, (image, cls) in enumerate(pairs[:6]):
+        want = _numpy_metrics(maps8[p], masks[image] == cls + 1)
+        for key, value in want.items():
+            np.testing.assert_allclose(sharded[key][p], value, rtol=1e-5, atol=1e-6, err_msg=key)
     # The maps are the single-device attribution function's, resized.
     idx = pairs[:4, 0]
     x = eval_preprocess(jnp.asarray(seg.images[idx]), jnp.asarray(seg.extents[idx]), out_size=size)

@@ -25,8 +25,9 @@ from apjax.attribution.maps import upsample_map
 from apjax.data import HostCache
 from apjax.data.augment import eval_preprocess
 from apjax.data.pipeline import batch_sharding
+from apjax.evaluators.mask_metrics import MASK_METRICS, mask_metrics
 
-SCORE_KEYS = ("auc", "hit", "hit_ref_cumulative", "constant")
+SCORE_KEYS = ("auc", "hit", "hit_ref_cumulative", "constant", *MASK_METRICS)
 
 
 def _hits(targets: jax.Array, rows: jax.Array, cols: jax.Array, tolerance: float) -> jax.Array:
@@ -45,7 +46,8 @@ def pair_scores_jax(maps: jax.Array, masks: jax.Array, classes: jax.Array, toler
     maps float (B, H, W); masks uint8 (B, H, W), each pair's image's mask; classes int (B,). Returns
     ``twice_u``, ``n_pos``, ``n_neg`` (:func:`apjax.localization.roc_auc_counts_jax` against the class's
     mask), ``hit``, ``hit_ref_cumulative`` (first arg-max in the class's mask / in the reference's
-    cumulative target, within ``tolerance``; constant maps miss), ``constant`` and ``nan`` (maps with NaN).
+    cumulative target, within ``tolerance``; constant maps miss), ``constant``, ``nan`` (maps with NaN)
+    and :func:`apjax.evaluators.mask_metrics.mask_metrics`' (RMA, RRA, AttrLoc, TopK, EnergyPoint).
     """
     maps = maps.astype(jnp.float32)
     value = (classes.astype(jnp.int32) + 1)[:, None, None]
@@ -64,6 +66,7 @@ def pair_scores_jax(maps: jax.Array, masks: jax.Array, classes: jax.Array, toler
         "hit_ref_cumulative": _hits(cumulative, rows, cols, tolerance) & ~constant,
         "constant": constant,
         "nan": jnp.any(jnp.isnan(flat), axis=1),
+        **mask_metrics(maps, own),
     }
 
 
@@ -77,7 +80,8 @@ def finish_scores(device: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     with np.errstate(invalid="ignore", divide="ignore"):
         auc = np.asarray(device["twice_u"]).astype(np.float64) / (2.0 * n_pos * n_neg)
     out = {"auc": np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)}
-    out.update({k: np.asarray(device[k], bool) for k in SCORE_KEYS[1:]})
+    out.update({k: np.asarray(device[k], bool) for k in ("hit", "hit_ref_cumulative", "constant")})
+    out.update({k: np.asarray(device[k], np.float64) for k in MASK_METRICS})
     return out
 
 
