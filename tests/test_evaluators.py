@@ -113,7 +113,7 @@ def test_unknown_evaluator_is_one_sentence(tmp_path):
     msg = str(e.value)
     assert msg == (
         "config.evals.locaization names no evaluator 'locaization'; "
-        "choose one of ['classification', 'localization', 'similarity']."
+        "choose one of ['classification', 'localization', 'similarity', 'faithfulness']."
     )
     with pytest.raises(ConfigError, match=r"^unknown evaluator 'nope'; choose one of \['classification'"):
         evaluators.create("nope", None)

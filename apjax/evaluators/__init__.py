@@ -7,7 +7,9 @@ returns a dict of named numbers:
 
 - ``classification``: mAP, devkit AP, per-image AP, F1, BCE of a split;
 - ``localization``: per attribution method, AUC and pointing over the run's pairs;
-- ``similarity``: per attribution method, Cos and l2 of the run's maps to a teacher's.
+- ``similarity``: per attribution method, Cos and l2 of the run's maps to a teacher's;
+- ``faithfulness``: per attribution method, the deletion and insertion AUC of the run's own maps on its
+  own model.
 
 A training config lists extra evaluators under ``config.evals`` (name -> ConfigDict of the evaluator's
 options; ``type`` picks the evaluator when the name is not one, as in big_vision); they run at every
@@ -26,13 +28,14 @@ from typing import Any
 import ml_collections
 
 from apjax.errors import ConfigError
-from apjax.evaluators import classification, localization, similarity
+from apjax.evaluators import classification, faithfulness, localization, similarity
 from apjax.evaluators.context import EvalContext
 
 EVALUATORS: dict[str, ModuleType] = {
     "classification": classification,
     "localization": localization,
     "similarity": similarity,
+    "faithfulness": faithfulness,
 }
 
 

@@ -135,6 +135,10 @@ def _host(x: jax.Array) -> np.ndarray:
     return np.asarray(x)
 
 
+def _localization_scores(variables, x, maps, masks, classes, tolerance: float) -> dict[str, jax.Array]:
+    return pair_scores_jax(maps, masks, classes, tolerance)
+
+
 class PairMaps:
     """One attribution method's maps and scores of pairs, split over the mesh.
 
@@ -145,25 +149,44 @@ class PairMaps:
       num_classes: K; a pair's example id is ``image index * K + class`` (SmoothGrad's noise follows it).
       tolerance: the pointing game's, in pixels.
       batch_size: pairs per global batch, rounded up to a multiple of the mesh's devices.
+      scores: what is computed of each pair beside its map, ``(variables, x (B, S, S, 3), maps (B, S, S),
+        masks (B, S, S), classes (B,)) -> {name: (B,)}`` on the device, and ``finish`` turns the
+        concatenated host arrays into :meth:`run`'s scores. Default: the localisation scores
+        (:func:`pair_scores_jax`, :func:`finish_scores`).
     """
 
     def __init__(
-        self, fn: Callable, mesh: Mesh, image_size: int, num_classes: int, tolerance=0.0, batch_size=32
+        self,
+        fn: Callable,
+        mesh: Mesh,
+        image_size: int,
+        num_classes: int,
+        tolerance=0.0,
+        batch_size=32,
+        scores: Callable | None = None,
+        finish: Callable[[dict], dict] | None = None,
     ):
         n_dev = mesh.devices.size
         self.batch_size = -(-max(batch_size, 1) // n_dev) * n_dev
         self.num_classes, self.mesh = num_classes, mesh
         self._sharding = batch_sharding(mesh)
+        if scores is None:
+            scores = functools.partial(_localization_scores, tolerance=float(tolerance))
+            finish = finish_scores
+        self._finish = finish or (lambda device: device)
 
         def step(variables, images, extents, classes, ids, masks):
             x = eval_preprocess(images, extents, out_size=image_size)
             maps = upsample_map(fn(variables, x, classes, ids).astype(jnp.float32), image_size)
-            return pair_scores_jax(maps, masks, classes, float(tolerance)), maps
+            return scores(variables, x, maps, masks, classes), maps
 
         replicated = NamedSharding(mesh, PartitionSpec())
         self._step = jax.jit(
             step, in_shardings=(replicated, *[self._sharding] * 5), out_shardings=self._sharding
         )
+
+    def _finish_empty(self) -> dict[str, np.ndarray]:
+        return concat_scores([]) if self._finish is finish_scores else {}
 
     def _global(self, host: np.ndarray) -> jax.Array:
         return jax.make_array_from_callback(host.shape, self._sharding, lambda index: host[index])
@@ -192,8 +215,9 @@ class PairMaps:
         keep: np.ndarray | None = None,
         progress: Callable[[int], Any] | None = None,
     ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-        """Scores of every pair (:data:`SCORE_KEYS`, host arrays (P,)) and the maps (K, S, S) float32 of the
-        pairs flagged by ``keep`` (bool (P,), in pair order; None: no maps come back)."""
+        """Scores of every pair (host arrays (P,): :data:`SCORE_KEYS`, or ``finish`` of the ``scores``
+        given) and the maps (K, S, S) float32 of the pairs flagged by ``keep`` (bool (P,), in pair order;
+        None: no maps come back)."""
         pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
         scores, kept, pending, start = [], [], None, 0
 
@@ -214,7 +238,7 @@ class PairMaps:
         if pending is not None:
             collect(*pending)
         device = {k: np.concatenate([s[k] for s in scores]) for k in scores[0]} if scores else None
-        result = finish_scores(device) if device else concat_scores([])
+        result = self._finish(device) if device else self._finish_empty()
         if keep is None:
             return result, None
         size = masks.shape[1:]
