@@ -26,6 +26,7 @@ from apjax.data import class_names
 from apjax.data.pipeline import data_mesh
 from apjax.errors import ConfigError
 from apjax.evaluators import classification
+from apjax.evaluators import faithfulness as faithfulness_eval
 from apjax.evaluators import localization as loc_eval
 from apjax.evaluators.context import EvalContext, EvalRun, checkpoint_selection, load_run
 from apjax.evaluators.localization import evaluate_localization
@@ -195,19 +196,17 @@ def localization_report(
     ig_steps: int = 32,
     smoothgrad_samples: int = 16,
     method_options: Mapping[str, Any] | None = None,
+    faithfulness: Mapping[str, Any] | None = None,
 ) -> dict:
     """Classification and localisation of a teacher (first workdir) and its students, per method.
 
-    For each run: the val classification metrics (:mod:`apjax.evaluators.classification`), what chose its
-    checkpoint, its parameter counts (``params``: all; ``params_nonzero``: the non-zero ones, head
-    included; ``params_conv_bn``: :func:`conv_bn_param_count`, the paper's count for unstructured
-    pruning); on ``segmentation_val``, for each method, :mod:`apjax.evaluators.localization`'s numbers of
-    its maps (mean per-pixel ROC-AUC and pointing accuracy over the run's pairs, class in the mask AND
-    predicted, the reference's cumulative pointing variant, the count of constant maps, ``pairs_per_s``)
-    and, for each student, the cosine similarity and l2 distance of its maps to the teacher's (min-max
-    normalised at the input size) on the pairs both predict; ``method_options``: other MethodOptions
-    fields (RISE's masks, ...). Writes ``localization.json``, ``localization.md`` and
-    ``figures/<method>.png`` to ``out_dir`` (default: ``<first workdir>/localization``).
+    Per run: val classification (:mod:`apjax.evaluators.classification`), what chose its checkpoint, its
+    parameter counts (``params``, ``params_nonzero`` head included, ``params_conv_bn`` the paper's count);
+    per method on ``segmentation_val``, :mod:`apjax.evaluators.localization`'s numbers over the run's
+    pairs (class in the mask AND predicted) and, for each student, Cos and l2 to the teacher's maps on the
+    pairs both predict. ``method_options``: other MethodOptions fields; ``faithfulness``: the faithfulness
+    evaluator's options, to add ``deletion_auc`` and ``insertion_auc`` (None: not scored). Writes the
+    JSON, ``localization.md`` and ``figures/<method>.png`` to ``out_dir`` (or ``<teacher>/localization``).
     """
     check_methods(methods)
     runs = [load_run(w, which) for w in workdirs]
@@ -237,6 +236,8 @@ def localization_report(
             figure = _figure(runs, locs, base, pairs[0], figure_images, method, out_dir)
             results.setdefault("figures", {})[method] = figure
     bar.close()
+    if faithfulness is not None:
+        _add_faithfulness(results, runs, base, pairs, options, dict(faithfulness))
     if jax.process_index() == 0:
         out = Path(out_dir) if out_dir else runs[0].workdir / "localization"
         out.mkdir(parents=True, exist_ok=True)
@@ -244,6 +245,22 @@ def localization_report(
         table = localization_table(results, {m: method_label(m) for m in methods})
         write_text_atomic(out / "localization.md", table)
     return results
+
+
+def _add_faithfulness(results: dict, runs, base: EvalContext, pairs, options: dict, settings: dict) -> None:
+    """Each run's mean deletion and insertion AUC per method (:mod:`apjax.evaluators.faithfulness`: its own
+    maps on its own model, over its pairs) into its method entries; ``results['faithfulness']`` records
+    the settings."""
+    methods, batch_size, method_options = options["methods"], options["batch_size"], options["method_options"]
+    for r, p in zip(runs, pairs, strict=True):
+        ctx = base.for_run(r.config, r.model)
+        ev = faithfulness_eval.Evaluator(ctx, methods, batch_size=batch_size, method_options=method_options,
+                                         **settings)  # fmt: skip
+        for method in methods:
+            entry = results["runs"][r.name]["methods"][method]
+            for key, values in ev.pair_scores(method, r.variables, p).items():
+                entry[key] = float(values.mean()) if len(values) else float("nan")
+    results["faithfulness"] = settings
 
 
 def _figure_pairs(teacher_pairs: np.ndarray, n: int) -> np.ndarray:

@@ -49,6 +49,7 @@ import ml_collections
 from apjax import evaluation
 from apjax.attribution.methods import check_methods, method_options
 from apjax.errors import ConfigError
+from apjax.evaluators.faithfulness import check_faithfulness
 from apjax.models import family_of
 from apjax.report import write_report
 from apjax.stages import Stage, eval_dir, is_finished, seed_name, smallest_student
@@ -151,6 +152,7 @@ def validate_sweep(config: ml_collections.ConfigDict, stages: list[Stage]) -> No
     check_methods(config.eval_methods, "config.eval_methods")
     check_methods(config.table8_methods, "config.table8_methods")
     method_options(config.get("method_options"))  # a ConfigError names a bad one now, not after training
+    check_faithfulness(faithfulness_settings(config))
     names = [s.name for s in stages]
     for pattern in _patterns(config.only):
         if not fnmatch.filter(names, pattern):
@@ -200,12 +202,22 @@ def _eval_groups(root: Path, stages: list[Stage], kind: str, config) -> list[tup
     ]
 
 
+def faithfulness_settings(config) -> dict[str, Any] | None:
+    """The eval stage's faithfulness options (``config.faithfulness`` without ``enabled``), or None when
+    it is off (the default) or absent."""
+    f = config.get("faithfulness")
+    if not f or not f.get("enabled"):
+        return None
+    return {k: v for k, v in dict(f).items() if k != "enabled"}
+
+
 def _run_eval(root: Path, stage: Stage, stages: list[Stage], config) -> str:
     groups = _eval_groups(root, stages, stage.kind, config)
     if not groups:
         return "skipped: the teacher is not trained yet"
     methods = tuple(config.eval_methods if stage.kind == "eval" else config.table8_methods)
     options = dict(config.get("method_options") or {})
+    faithfulness = faithfulness_settings(config) if stage.kind == "eval" else None
     evaluated = 0
     for seed, runs in groups:
         out = eval_dir(root, stage.name, seed)
@@ -217,6 +229,7 @@ def _run_eval(root: Path, stage: Stage, stages: list[Stage], config) -> str:
             # (a report from before the options were recorded had the defaults)
             current = asdict(method_options(options))
             same = same and previous.get("method_options", current) == current
+            same = same and previous.get("faithfulness") == faithfulness
             if same and previous.get("format") == evaluation.REPORT_FORMAT:
                 continue
         evaluation.localization_report(
@@ -226,6 +239,7 @@ def _run_eval(root: Path, stage: Stage, stages: list[Stage], config) -> str:
             batch_size=config.eval_batch_size,
             figure_images=config.figure_images,
             method_options=options,
+            faithfulness=faithfulness,
         )
         evaluated += len(names)
     return f"evaluated {evaluated} runs" if evaluated else "skipped: already covers these runs"

@@ -18,12 +18,15 @@ from apjax.attribution.methods import method_label
 from apjax.models.quantized import QUANT_SCHEMES
 from apjax.report_plots import plot_lines
 from apjax.report_seeds import (
+    FAITHFULNESS_COLUMNS,
     INTERVAL_NOTE,
     by_base,
+    comparisons,
     fmt,
     fmt_params,
     group_metrics,
     method_name,
+    paired_rows,
     paired_tables,
     run_metrics,
     seeds_title,
@@ -296,6 +299,37 @@ def _table8(ev8: dict, smallest: str | None, voc: bool) -> list[str]:
     return [f"## {title}", "", *_table(header, rows), "", f"Seeds per run: {seeds}.", ""]
 
 
+def _faithfulness_tables(ev: dict | None, stages) -> list[str]:
+    """Faithfulness: each run's deletion and insertion AUC (its own Grad-CAM maps on its own model) over its
+    seeds, and their paired differences against KD / naive on the same seed; none without the numbers."""
+    groups = by_base(stages)
+    rows = []
+    for base, (s, *_) in groups.items():
+        m = _metrics(ev, groups, base)
+        if m and m.get("deletion_auc") is not None:
+            cells = [fmt(k, m[k]) for _, k in FAITHFULNESS_COLUMNS]
+            rows.append([base, method_name(s.method) if s.method else "-", str(m["n"]), *cells])
+    if not rows:
+        return []
+    title = "Faithfulness: deletion and insertion AUC of each run's own maps"
+    title = seeds_title(title, [int(r[2]) for r in rows])
+    header = ["run", "method", "n", *(h for h, _ in FAITHFULNESS_COLUMNS)]
+    lines = [f"## {title}", "", *_table(header, rows), ""]
+    kd, other = comparisons(stages)
+    paired = paired_rows(ev, kd + other, FAITHFULNESS_COLUMNS)
+    if paired:
+        header = ["compression", "difference", "n", *(h for h, _ in FAITHFULNESS_COLUMNS)]
+        lines += ["Paired differences (same seed):", "", *_table(header, paired), ""]
+    lines += [
+        "Deletion removes the pixels in the map's order (highest first) and insertion adds them, the class's "
+        "probability read at each step (apjax/evaluators/faithfulness.py); the AUC is the area under that "
+        "curve over the fraction of pixels, in percent. Lower deletion and higher insertion: the map ranks "
+        "first what the run itself relies on. Each run is scored on its own model, over its own pairs.",
+        "",
+    ]
+    return lines
+
+
 def _checkpoints_table(ev: dict) -> list[str]:
     """The checkpoints behind the numbers and the val metric that chose each."""
     lines: list[str] = []
@@ -321,6 +355,7 @@ def tables(config, stages, results: dict, voc: bool) -> list[str]:
         *_pruning_tables(ev, groups, voc),
         *_quantization_table(ev, groups),
         *paired_tables(ev, stages),
+        *(_faithfulness_tables(ev, stages) if ev else []),
         *_table8(ev8, smallest, voc),
         *_checkpoints_table(ev),
     ]

@@ -14,6 +14,7 @@ from apjax.stages import Stage
 from apjax.stats import Interval, finite, mean_interval, paired_difference
 
 PERCENT = ("mAP", "mAP_devkit", "per_image_AP", "F1", "F1_logit0.5", "AUC", "Point")
+PERCENT += ("deletion_auc", "insertion_auc")
 # The numbers a row aggregates over seeds (the rest, step and checkpoint, describe one run).
 NUMBERS = (
     "mAP",
@@ -26,6 +27,8 @@ NUMBERS = (
     "Cos",
     "l2",
     "map_cos",
+    "deletion_auc",
+    "insertion_auc",
     "params_nonzero",
     "params_conv_bn",
     "size_bytes",
@@ -40,6 +43,8 @@ PAIRED_COLUMNS = (
     ("l2", "l2"),
     ("map cos (val)", "map_cos"),
 )
+# The faithfulness tables' columns (apjax.evaluators.faithfulness: each run's own maps on its own model).
+FAITHFULNESS_COLUMNS = (("deletion AUC", "deletion_auc"), ("insertion AUC", "insertion_auc"))
 INTERVAL_NOTE = (
     "Seeds: each cell is the mean over the row's n seeds (column n) ± the half-width of its two-sided 95% "
     "Student t interval, t_{0.975, n-1} * s / sqrt(n) with the sample standard deviation s; a row of one "
@@ -92,7 +97,8 @@ def best_map_cos(workdir: str | None) -> float | None:
 
 def run_metrics(evaluation: dict | None, name: str, method: str = "gradcam") -> dict[str, Any]:
     """One run's numbers from a localisation report: the val classification metrics (``mAP``,
-    ``mAP_devkit``, ``per_image_AP``, ``F1``, ``F1_logit0.5``), ``AUC``, ``Point``, ``Cos``, ``l2``, the
+    ``mAP_devkit``, ``per_image_AP``, ``F1``, ``F1_logit0.5``), ``AUC``, ``Point``, ``Cos``, ``l2``,
+    ``deletion_auc`` and ``insertion_auc`` (when the evaluation scored faithfulness), the
     parameter counts ``params_nonzero`` and ``params_conv_bn``, ``size_bytes``, ``step`` and
     ``checkpoint`` (what chose it). Keys a report written by an older apjax lacks are None."""
     if not evaluation or name not in evaluation["runs"]:
@@ -101,7 +107,7 @@ def run_metrics(evaluation: dict | None, name: str, method: str = "gradcam") -> 
     m = r["methods"].get(method, {})
     val = r["val"]
     out = {k: val.get(k) for k in ("mAP", "mAP_devkit", "per_image_AP", "F1", "F1_logit0.5")}
-    out.update({k: m.get(k) for k in ("AUC", "Point", "Cos", "l2")})
+    out.update({k: m.get(k) for k in ("AUC", "Point", "Cos", "l2", "deletion_auc", "insertion_auc")})
     out["map_cos"] = best_map_cos(r.get("workdir"))
     out["params_nonzero"] = r.get("params_nonzero", r.get("params"))
     out["params_conv_bn"] = r.get("params_conv_bn")
@@ -142,9 +148,9 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [row(header), "|" + "---|" * len(header), *[row(r) for r in rows]]
 
 
-def _paired_rows(ev: dict, comparisons) -> list[list[str]]:
-    """A row per (label, method stages, baseline stages): each column's mean difference over the seeds
-    both ran, with its t interval, and n."""
+def paired_rows(ev: dict, comparisons, columns=PAIRED_COLUMNS) -> list[list[str]]:
+    """A row per (label, method stages, baseline stages): each of ``columns``' (header, key) mean
+    difference over the seeds both ran, with its t interval, and n."""
     rows = []
     for label, name, method_stages, base_stages in comparisons:
         per_seed = lambda stages: {s.seed: run_metrics(ev, s.name) for s in stages}  # noqa: E731
@@ -154,20 +160,17 @@ def _paired_rows(ev: dict, comparisons) -> list[list[str]]:
             continue
         diffs = [
             paired_difference(*({k: m[key] for k, m in x.items()} for x in (a, b)))
-            for _, key in PAIRED_COLUMNS
+            for _, key in columns
         ]
         n = max((d.n for d in diffs if d), default=0)
-        cells = [fmt(key, d, signed=True) for (_, key), d in zip(PAIRED_COLUMNS, diffs, strict=True)]
+        cells = [fmt(key, d, signed=True) for (_, key), d in zip(columns, diffs, strict=True)]
         rows.append([label, name, str(n), *cells])
     return rows
 
 
-def paired_tables(ev: dict | None, stages: list[Stage]) -> list[str]:
-    """ "Paired differences (matching minus KD, same seed)" per student size, and the same for pruning and
-    quantization against naive: the mean over seeds of (method - baseline) on the same seed, ± its 95%
-    t interval."""
-    if not ev:
-        return []
+def comparisons(stages: list[Stage]) -> tuple[list, list]:
+    """The paired comparisons of a sweep: (label, name, method stages, baseline stages) of each matching
+    student against KD of its size, and of each pruning or quantization method against its naive run."""
     groups = by_base(stages)
     kd, other = [], []
     for base, group in groups.items():
@@ -179,10 +182,20 @@ def paired_tables(ev: dict | None, stages: list[Stage]) -> list[str]:
             kind = {"prune_unstructured": "unstructured pruning", "prune_structured": "structured pruning"}
             label = kind.get(s.kind) or QUANT_SCHEMES[s.bits].label
             other.append((label, f"{method_name(s.method)} - Naive", group, groups[baseline]))
+    return kd, other
+
+
+def paired_tables(ev: dict | None, stages: list[Stage]) -> list[str]:
+    """ "Paired differences (matching minus KD, same seed)" per student size, and the same for pruning and
+    quantization against naive: the mean over seeds of (method - baseline) on the same seed, ± its 95%
+    t interval."""
+    if not ev:
+        return []
+    kd, other = comparisons(stages)
     lines = []
     header = ["compression", "difference", "n", *(h for h, _ in PAIRED_COLUMNS)]
-    for title, comparisons in (("matching minus KD", kd), ("matching minus naive", other)):
-        rows = _paired_rows(ev, comparisons)
+    for title, pairs in (("matching minus KD", kd), ("matching minus naive", other)):
+        rows = paired_rows(ev, pairs)
         if rows:
             full = seeds_title(f"Paired differences ({title}, same seed)", [int(r[2]) for r in rows])
             lines += [f"## {full}", "", *table(header, rows), ""]

@@ -101,6 +101,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The attribution methods' settings (apjax.attribution.methods.MethodOptions: RISE's masks, occlusion's
     # patch, ...), e.g. --config.method_options.rise_masks=6000 (RISE's own N at 224 px).
     c.method_options = method_options_config()
+    # Deletion and insertion AUC of each run's own maps on its own model in the eval stage
+    # (apjax/evaluators/faithfulness.py; the report's Faithfulness table); on in the science variant.
+    c.faithfulness = ml_collections.ConfigDict(
+        dict(enabled=False, steps=32, deletion_baseline="zero", insertion_baseline="blur",
+             blur_sigma=placeholder(float))
+    )  # fmt: skip
     c.eval_batch_size = 32
     c.figure_images = 6
 
@@ -147,6 +153,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.kd_methods = ("kd", *matching_methods())
         c.prune_kinds = ("unstructured", "structured")
         c.prune_methods = ("naive", *matching_methods())
+        c.faithfulness.enabled = True
         for stage in (c.prune_unstructured, c.prune_structured):
             stage.distill.beta = DEMO_BETA
     return c

@@ -48,8 +48,9 @@ def test_localization_report_of_a_teacher_and_an_identical_student(teacher_dir, 
     shutil.copytree(teacher_dir, twin)
     out = tmp_path / "report"
     results = localization_report(
-        [teacher_dir, twin], methods=("gradcam", "gradient"), out_dir=out, batch_size=8, figure_images=2
-    )
+        [teacher_dir, twin], methods=("gradcam", "gradient"), out_dir=out, batch_size=8, figure_images=2,
+        faithfulness={"steps": 4},
+    )  # fmt: skip
     saved = json.loads((out / "localization.json").read_text())
     assert saved["runs"].keys() == {teacher_dir.name, "twin"}
     assert (out / "figures" / "gradcam.png").stat().st_size > 0
@@ -74,6 +75,11 @@ def test_localization_report_of_a_teacher_and_an_identical_student(teacher_dir, 
         table_cell(md, row, "F1 (logit >= 0.5, paper's F1)") == f"{100 * student['val']['F1_logit0.5']:.2f}"
     )
     assert table_cell(md, row, "pairs with the teacher (Cos, l2)") == str(teacher["pairs"])
+    # Faithfulness: each run's own maps on its own model; the same weights give the same curves.
+    assert saved["faithfulness"] == {"steps": 4}
+    for key in ("deletion_auc", "insertion_auc"):
+        value = student["methods"]["gradcam"][key]
+        assert 0.0 <= value <= 1.0 and value == teacher["methods"]["gradcam"][key]
     masks_table = md[md.index("Against the class's mask") :]  # the second table: the mask metrics
     for key in ("RMA", "RRA", "AttrLoc", "TopK", "EnergyPoint"):
         value = student["methods"]["gradient"][key]

@@ -6,6 +6,7 @@ import re
 import pytest
 
 from apjax import experiment, report
+from apjax.errors import ConfigError
 from configs import paper
 from tests.test_train import tiny_config
 
@@ -361,3 +362,47 @@ def test_map_cos_in_the_report_is_the_best_checkpoint_s(tmp_path):
     (tmp_path / "final_metrics.json").write_text(json.dumps({"round": 4, "val": {"map_cos": 0.4}}))
     assert best_map_cos(str(tmp_path)) == 0.4  # unstructured pruning: the last round's
     assert best_map_cos(str(tmp_path / "missing")) is None and best_map_cos(None) is None
+
+
+def test_faithfulness_table_shows_each_runs_aucs_with_intervals_and_paired_differences(tmp_path):
+    import numpy as np
+    from scipy import stats as sps
+
+    c = paper.get_config("science")
+    c.kd_methods, c.prune_kinds = ("kd", "sswa"), ()
+    stages = experiment.plan(c, tmp_path)
+    deletion = {"kd": [0.30, 0.34, 0.29], "sswa": [0.25, 0.27, 0.22]}
+    insertion = {"kd": [0.60, 0.62, 0.61], "sswa": [0.66, 0.63, 0.65]}
+    runs = {"teacher": fake_run(0.85, float("nan"))}
+    runs["teacher"]["methods"]["gradcam"].update(deletion_auc=0.2, insertion_auc=0.7)
+    for k, suffix in enumerate(("", "@s1", "@s2")):
+        for m in ("kd", "sswa"):
+            run = fake_run(0.8, 0.9)
+            run["methods"]["gradcam"].update(deletion_auc=deletion[m][k], insertion_auc=insertion[m][k])
+            runs[f"kd_x2_{m}{suffix}"] = run
+    ev = {"run_order": list(runs), "runs": runs}
+    md = "\n".join(report.tables(c, stages, {"eval": ev, "eval_methods": None}, voc=False))
+    section = md[md.index("## Faithfulness") :]
+
+    def interval(xs):
+        xs = 100 * np.asarray(xs)
+        return xs.mean(), sps.t.ppf(0.975, len(xs) - 1) * xs.std(ddof=1) / np.sqrt(len(xs))
+
+    mean, half = interval(deletion["sswa"])
+    assert cell(section, ["kd_x2_sswa", "SSWA"], "deletion AUC") == f"{mean:.2f} ± {half:.2f}"
+    assert cell(section, ["kd_x2_sswa", "SSWA"], "n") == "3"
+    assert cell(section, ["teacher", "-"], "insertion AUC") == "70.00"
+    mean, half = interval(np.subtract(insertion["sswa"], insertion["kd"]))
+    assert cell(section, ["x2", "SSWA - KD"], "insertion AUC") == f"{mean:+.2f} ± {half:.2f}"
+    # Without the numbers (faithfulness off, as in the demo) there is no such table.
+    for run in runs.values():
+        for key in ("deletion_auc", "insertion_auc"):
+            run["methods"]["gradcam"].pop(key, None)
+    md = "\n".join(report.tables(c, stages, {"eval": ev, "eval_methods": None}, voc=False))
+    assert "Faithfulness" not in md
+    # The science variant scores faithfulness in its eval stage; a bad baseline is refused before training.
+    assert experiment.faithfulness_settings(c)["insertion_baseline"] == "blur"
+    assert experiment.faithfulness_settings(paper.get_config("demo")) is None
+    c.faithfulness.deletion_baseline = "noise"
+    with pytest.raises(ConfigError, match="faithfulness deletion_baseline='noise'"):
+        experiment.validate_sweep(c, experiment.plan(c, tmp_path))

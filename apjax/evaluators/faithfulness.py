@@ -109,6 +109,16 @@ def curve_auc(curve: jax.Array) -> jax.Array:
     return (jnp.sum(curve, axis=1) - 0.5 * (curve[:, 0] + curve[:, -1])) / s
 
 
+def check_faithfulness(settings: Mapping[str, Any] | None) -> None:
+    """``ConfigError`` (one sentence) for a baseline that is not one of :data:`BASELINES` or steps < 1."""
+    settings = dict(settings or {})
+    for name in ("deletion_baseline", "insertion_baseline"):
+        if name in settings and settings[name] not in BASELINES:
+            raise ConfigError(f"faithfulness {name}={settings[name]!r}; choose one of {list(BASELINES)}.")
+    if int(settings.get("steps", 1)) < 1:
+        raise ConfigError(f"faithfulness steps={settings['steps']} must be at least 1.")
+
+
 class Evaluator:
     """``run(variables)`` -> ``{'<method>/deletion_auc', '<method>/insertion_auc', '<method>/pairs'}``:
     means over the run's pairs (those of :class:`apjax.evaluators.localization.Evaluator` on ``split``).
@@ -131,14 +141,8 @@ class Evaluator:
         method_options: Mapping[str, Any] | None = None,
     ):
         check_methods(methods)
-        for name, value in (
-            ("deletion_baseline", deletion_baseline),
-            ("insertion_baseline", insertion_baseline),
-        ):
-            if value not in BASELINES:
-                raise ConfigError(f"faithfulness {name}={value!r}; choose one of {list(BASELINES)}.")
-        if steps < 1:
-            raise ConfigError(f"faithfulness steps={steps} must be at least 1.")
+        baselines = dict(deletion_baseline=deletion_baseline, insertion_baseline=insertion_baseline)
+        check_faithfulness(dict(steps=steps, **baselines))
         self.ctx, self.methods, self.split, self.batch_size = ctx, tuple(methods), split, batch_size
         self.options = method_options_of(method_options)
         sigma = blur_sigma or 5.0 * ctx.image_size / 224
