@@ -58,6 +58,10 @@ flags.DEFINE_list(
     "Other settings of the attribution methods as key=value (fields of "
     "apjax.attribution.methods.MethodOptions), e.g. rise_masks=6000,occlusion_size=16.",
 )
+flags.DEFINE_bool(
+    "faithfulness", False, "Also score each run's deletion and insertion AUC (its own maps on its own model)."
+)
+flags.DEFINE_integer("faithfulness_steps", 32, "Points of a deletion or insertion curve, minus one.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-process runs).")
 flags.mark_flags_as_required(["workdir"])
 
@@ -89,6 +93,7 @@ def main(argv: list[str]) -> None:
                 ig_steps=f.ig_steps,
                 smoothgrad_samples=f.smoothgrad_samples,
                 method_options=_key_values(f.method_options),
+                faithfulness={"steps": f.faithfulness_steps} if f.faithfulness else None,
             )
             if jax.process_index() == 0:
                 print(localization_table(results, {m: method_label(m) for m in results["methods"]}))

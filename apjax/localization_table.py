@@ -83,7 +83,27 @@ def localization_table(results: dict, labels: dict[str, str]) -> str:
                 str(m["constant_maps"]),
             ]
             lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines + _mask_metrics_table(results, labels, pct)) + "\n"
+    tables = _mask_metrics_table(results, labels, pct) + _faithfulness_table(results, labels, pct)
+    return "\n".join(lines + tables) + "\n"
+
+
+def _faithfulness_table(results: dict, labels: dict[str, str], pct) -> list[str]:
+    """Deletion and insertion AUC (percent) per model and method, when the report scored them."""
+    rows = [
+        "| " + " | ".join([name, labels[method], pct(m["deletion_auc"]), pct(m["insertion_auc"])]) + " |"
+        for name in results.get("run_order", results["runs"])
+        for method, m in results["runs"][name]["methods"].items()
+        if "deletion_auc" in m
+    ]
+    if not rows:
+        return []
+    legend = (
+        "Faithfulness, percent (apjax/evaluators/faithfulness.py): the area under the class probability as "
+        "the pixels are deleted (lower is better) or inserted (higher is better) in the map's order, each "
+        "run's own maps on its own model."
+    )
+    header = "| model | method | deletion AUC | insertion AUC |"
+    return ["", legend, "", header, "|---|---|---|---|", *rows]
 
 
 def _mask_metrics_table(results: dict, labels: dict[str, str], pct) -> list[str]:
