@@ -218,6 +218,7 @@ def _run_eval(root: Path, stage: Stage, stages: list[Stage], config) -> str:
     methods = tuple(config.eval_methods if stage.kind == "eval" else config.table8_methods)
     options = dict(config.get("method_options") or {})
     faithfulness = faithfulness_settings(config) if stage.kind == "eval" else None
+    current = asdict(method_options(options))  # a report from before they were recorded had the defaults
     evaluated = 0
     for seed, runs in groups:
         out = eval_dir(root, stage.name, seed)
@@ -226,8 +227,6 @@ def _run_eval(root: Path, stage: Stage, stages: list[Stage], config) -> str:
         if done.exists():
             previous = json.loads(done.read_text())
             same = previous.get("run_order") == names and previous["methods"] == list(methods)
-            # (a report from before the options were recorded had the defaults)
-            current = asdict(method_options(options))
             same = same and previous.get("method_options", current) == current
             same = same and previous.get("faithfulness") == faithfulness
             if same and previous.get("format") == evaluation.REPORT_FORMAT:

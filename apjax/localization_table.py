@@ -83,45 +83,39 @@ def localization_table(results: dict, labels: dict[str, str]) -> str:
                 str(m["constant_maps"]),
             ]
             lines.append("| " + " | ".join(cells) + " |")
-    tables = _mask_metrics_table(results, labels, pct) + _faithfulness_table(results, labels, pct)
+    tables = [
+        *_extra_table(results, labels, pct, MASK_METRICS, MASK_METRICS, MASK_LEGEND),
+        *_extra_table(results, labels, pct, FAITHFULNESS_KEYS, FAITHFULNESS_HEADERS, FAITHFULNESS_LEGEND),
+    ]
     return "\n".join(lines + tables) + "\n"
 
 
-def _faithfulness_table(results: dict, labels: dict[str, str], pct) -> list[str]:
-    """Deletion and insertion AUC (percent) per model and method, when the report scored them."""
+MASK_LEGEND = (
+    "Against the class's mask, percent, means over the same pairs (apjax/evaluators/mask_metrics.py): "
+    "RMA = share of the map's mass in the mask (Relevance Mass Accuracy); RRA = share of the |mask| "
+    "highest pixels in the mask (Relevance Rank Accuracy); AttrLoc = share of |map| in the mask "
+    "(Attribution Localisation); TopK = share of the top 2% of pixels in the mask (Top-K Intersection); "
+    "EnergyPoint = share of the positive map in the mask's bounding box (energy-based pointing game)."
+)
+FAITHFULNESS_KEYS = ("deletion_auc", "insertion_auc")
+FAITHFULNESS_HEADERS = ("deletion AUC", "insertion AUC")
+FAITHFULNESS_LEGEND = (
+    "Faithfulness, percent (apjax/evaluators/faithfulness.py): the area under the class probability as "
+    "the pixels are deleted (lower is better) or inserted (higher is better) in the map's order, each "
+    "run's own maps on its own model."
+)
+
+
+def _extra_table(results: dict, labels: dict[str, str], pct, keys, headers, legend: str) -> list[str]:
+    """A table of ``keys`` (percent, under ``headers``) per model and method, below ``legend``; none when
+    no method entry of the report holds them all."""
     rows = [
-        "| " + " | ".join([name, labels[method], pct(m["deletion_auc"]), pct(m["insertion_auc"])]) + " |"
+        [name, labels[method], *(pct(m[k]) for k in keys)]
         for name in results.get("run_order", results["runs"])
         for method, m in results["runs"][name]["methods"].items()
-        if "deletion_auc" in m
+        if all(k in m for k in keys)
     ]
     if not rows:
         return []
-    legend = (
-        "Faithfulness, percent (apjax/evaluators/faithfulness.py): the area under the class probability as "
-        "the pixels are deleted (lower is better) or inserted (higher is better) in the map's order, each "
-        "run's own maps on its own model."
-    )
-    header = "| model | method | deletion AUC | insertion AUC |"
-    return ["", legend, "", header, "|---|---|---|---|", *rows]
-
-
-def _mask_metrics_table(results: dict, labels: dict[str, str], pct) -> list[str]:
-    """The mask metrics (percent), a row per model and method; none for a report without them."""
-    rows = []
-    for name in results.get("run_order", results["runs"]):
-        for method, m in results["runs"][name]["methods"].items():
-            if all(k in m for k in MASK_METRICS):
-                cells = [name, labels[method], *(pct(m[k]) for k in MASK_METRICS)]
-                rows.append("| " + " | ".join(cells) + " |")
-    if not rows:
-        return []
-    legend = (
-        "Against the class's mask, percent, means over the same pairs (apjax/evaluators/mask_metrics.py): "
-        "RMA = share of the map's mass in the mask (Relevance Mass Accuracy); RRA = share of the |mask| "
-        "highest pixels in the mask (Relevance Rank Accuracy); AttrLoc = share of |map| in the mask "
-        "(Attribution Localisation); TopK = share of the top 2% of pixels in the mask (Top-K Intersection); "
-        "EnergyPoint = share of the positive map in the mask's bounding box (energy-based pointing game)."
-    )
-    header = ["model", "method", *MASK_METRICS]
-    return ["", legend, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *rows]
+    header, *body = ["| " + " | ".join(r) + " |" for r in [["model", "method", *headers], *rows]]
+    return ["", legend, "", header, "|" + "---|" * (2 + len(headers)), *body]

@@ -355,7 +355,7 @@ def tables(config, stages, results: dict, voc: bool) -> list[str]:
         *_pruning_tables(ev, groups, voc),
         *_quantization_table(ev, groups),
         *paired_tables(ev, stages),
-        *(_faithfulness_tables(ev, stages) if ev else []),
+        *_faithfulness_tables(ev, stages),
         *_table8(ev8, smallest, voc),
         *_checkpoints_table(ev),
     ]

@@ -170,10 +170,10 @@ class PairMaps:
         self.batch_size = -(-max(batch_size, 1) // n_dev) * n_dev
         self.num_classes, self.mesh = num_classes, mesh
         self._sharding = batch_sharding(mesh)
+        self._finish, self._empty = finish or (lambda device: device), {}  # no pairs: no scores
         if scores is None:
             scores = functools.partial(_localization_scores, tolerance=float(tolerance))
-            finish = finish_scores
-        self._finish = finish or (lambda device: device)
+            self._finish, self._empty = finish_scores, concat_scores([])
 
         def step(variables, images, extents, classes, ids, masks):
             x = eval_preprocess(images, extents, out_size=image_size)
@@ -184,9 +184,6 @@ class PairMaps:
         self._step = jax.jit(
             step, in_shardings=(replicated, *[self._sharding] * 5), out_shardings=self._sharding
         )
-
-    def _finish_empty(self) -> dict[str, np.ndarray]:
-        return concat_scores([]) if self._finish is finish_scores else {}
 
     def _global(self, host: np.ndarray) -> jax.Array:
         return jax.make_array_from_callback(host.shape, self._sharding, lambda index: host[index])
@@ -238,7 +235,7 @@ class PairMaps:
         if pending is not None:
             collect(*pending)
         device = {k: np.concatenate([s[k] for s in scores]) for k in scores[0]} if scores else None
-        result = self._finish(device) if device else self._finish_empty()
+        result = self._finish(device) if device else dict(self._empty)
         if keep is None:
             return result, None
         size = masks.shape[1:]
