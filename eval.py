@@ -9,12 +9,13 @@ r"""Evaluates trained runs: classification metrics of a checkpoint, and localisa
 
   python eval.py --workdir workdirs/kd_small --evals localization,similarity
 
-With --methods (or several --workdir, the teacher first), writes the localisation report: a JSON of every
-number, a Markdown table in the layout of the paper's Tables 2 and 8, and one PNG figure per method.
-With --evals, runs those evaluators (apjax.evaluators: classification, localization, similarity) on the
-checkpoint, each with the options of the run's config.evals.<name> (or its defaults; override them with
---config), and writes evals_<checkpoint>.json. The runs' own config.json files are used unless --config
-is given.
+With --methods (or several --workdir, the teacher first, or --faithfulness), writes the localisation report:
+a JSON of every number, a Markdown table in the layout of the paper's Tables 2 and 8, and one PNG figure per
+method; --faithfulness adds each run's deletion and insertion AUC.
+With --evals, runs those evaluators (apjax.evaluators: classification, localization, similarity,
+faithfulness) on the checkpoint, each with the options of the run's config.evals.<name> (or its defaults;
+override them with --config), and writes evals_<checkpoint>.json. The runs' own config.json files are
+used unless --config is given.
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ flags.DEFINE_list(
     "apjax.attribution.methods.MethodOptions), e.g. rise_masks=6000,occlusion_size=16.",
 )
 flags.DEFINE_bool(
-    "faithfulness", False, "Also score each run's deletion and insertion AUC (its own maps on its own model)."
+    "faithfulness",
+    False,
+    "Add each run's deletion and insertion AUC (its own maps on its own model) to the localisation report.",
 )
 flags.DEFINE_integer("faithfulness_steps", 32, "Points of a deletion or insertion curve, minus one.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-process runs).")
@@ -81,7 +84,7 @@ def main(argv: list[str]) -> None:
     if f.distributed:
         jax.distributed.initialize()
     try:
-        if f.methods or len(f.workdir) > 1:
+        if f.methods or len(f.workdir) > 1 or f.faithfulness:
             results = evaluation.localization_report(
                 f.workdir,
                 methods=tuple(f.methods or ["gradcam"]),

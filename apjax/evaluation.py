@@ -237,7 +237,7 @@ def localization_report(
             results.setdefault("figures", {})[method] = figure
     bar.close()
     if faithfulness is not None:
-        _add_faithfulness(results, runs, base, pairs, options, dict(faithfulness))
+        _add_faithfulness(results, runs, locs, pairs, dict(faithfulness))
     if jax.process_index() == 0:
         out = Path(out_dir) if out_dir else runs[0].workdir / "localization"
         out.mkdir(parents=True, exist_ok=True)
@@ -247,19 +247,15 @@ def localization_report(
     return results
 
 
-def _add_faithfulness(results: dict, runs, base: EvalContext, pairs, options: dict, settings: dict) -> None:
+def _add_faithfulness(results: dict, runs, locs, pairs, settings: dict) -> None:
     """Each run's mean deletion and insertion AUC per method (:mod:`apjax.evaluators.faithfulness`: its own
-    maps on its own model, over its pairs) into its method entries; ``results['faithfulness']`` records
-    the settings."""
-    methods, batch_size, method_options = options["methods"], options["batch_size"], options["method_options"]
-    for r, p in zip(runs, pairs, strict=True):
-        ctx = base.for_run(r.config, r.model)
-        ev = faithfulness_eval.Evaluator(ctx, methods, batch_size=batch_size, method_options=method_options,
-                                         **settings)  # fmt: skip
-        for method in methods:
-            entry = results["runs"][r.name]["methods"][method]
-            for key, values in ev.pair_scores(method, r.variables, p).items():
-                entry[key] = float(values.mean()) if len(values) else float("nan")
+    maps, made with its localisation evaluator's method options, on its own model, over its pairs) into its
+    method entries; ``results['faithfulness']`` records the settings."""
+    for r, loc, p in zip(runs, locs, pairs, strict=True):
+        options = dict(batch_size=loc.batch_size, method_options=dataclasses.asdict(loc.options))
+        ev = faithfulness_eval.Evaluator(loc.ctx, loc.methods, **options, **settings)
+        for method in loc.methods:
+            results["runs"][r.name]["methods"][method].update(ev.summary(method, r.variables, p))
     results["faithfulness"] = settings
 
 

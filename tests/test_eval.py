@@ -43,14 +43,25 @@ def table_cell(md: str, first_cells: list[str], column: str) -> str:
     raise AssertionError(f"no row {first_cells}")
 
 
-def test_localization_report_of_a_teacher_and_an_identical_student(teacher_dir, tmp_path):
+def test_localization_report_of_a_teacher_and_an_identical_student(teacher_dir, tmp_path, monkeypatch):
+    from apjax.evaluators import faithfulness
+
     twin = tmp_path / "twin"
     shutil.copytree(teacher_dir, twin)
     out = tmp_path / "report"
+    built = []  # the faithfulness evaluators' method options: the localisation's own (ig_steps included)
+
+    class Recording(faithfulness.Evaluator):
+        def __init__(self, *args, method_options=None, **kwargs):
+            built.append(dict(method_options))
+            super().__init__(*args, method_options=method_options, **kwargs)
+
+    monkeypatch.setattr(faithfulness, "Evaluator", Recording)
     results = localization_report(
         [teacher_dir, twin], methods=("gradcam", "gradient"), out_dir=out, batch_size=8, figure_images=2,
-        faithfulness={"steps": 4},
+        faithfulness={"steps": 4}, ig_steps=5, method_options={"rise_masks": 100},
     )  # fmt: skip
+    assert len(built) == 2 and all(o["ig_steps"] == 5 and o["rise_masks"] == 100 for o in built)
     saved = json.loads((out / "localization.json").read_text())
     assert saved["runs"].keys() == {teacher_dir.name, "twin"}
     assert (out / "figures" / "gradcam.png").stat().st_size > 0

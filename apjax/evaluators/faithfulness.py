@@ -175,12 +175,15 @@ class Evaluator:
             k: np.asarray(scores.get(k, np.zeros(0)), np.float64) for k in ("deletion_auc", "insertion_auc")
         }
 
+    def summary(self, method: str, variables: Any, pairs: np.ndarray) -> dict[str, float]:
+        """``deletion_auc`` and ``insertion_auc``: their means over ``pairs`` (NaN without a pair)."""
+        scores = self.pair_scores(method, variables, pairs)
+        return {k: float(v.mean()) if len(v) else float("nan") for k, v in scores.items()}
+
     def run(self, variables: Any) -> dict[str, float]:
         pairs = self._pairs.pairs(variables)
         out: dict[str, float] = {}
         for method in self.methods:
-            s = self.pair_scores(method, variables, pairs)
-            for k, v in s.items():
-                out[f"{method}/{k}"] = float(v.mean()) if len(v) else float("nan")
+            out.update({f"{method}/{k}": v for k, v in self.summary(method, variables, pairs).items()})
             out[f"{method}/pairs"] = len(pairs)
         return out
