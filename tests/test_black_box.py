@@ -133,7 +133,7 @@ def test_occlusion_corners_cover_every_pixel():
     assert pt.occlusion_corners(32, 8, 8) == [0, 8, 16, 24]
     assert pt.occlusion_corners(30, 8, 6) == [0, 6, 12, 18, 22]
     assert pt.occlusion_corners(5, 5, 3) == [0]
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ConfigError, match="does not fit 5 pixels; choose an occlusion_size of at most"):
         pt.occlusion_corners(5, 6, 1)
 
 

@@ -31,6 +31,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from apjax.errors import ConfigError
+
 ScoreFn = Callable[[jax.Array], jax.Array]
 
 
@@ -86,7 +88,7 @@ def rise_map(
     n, h, w = masks.shape
     b = x.shape[0]
     if n % chunk:
-        raise ValueError(
+        raise ConfigError(
             f"RISE's {n} masks do not split into chunks of {chunk}; choose a chunk that divides them."
         )
     cls = jnp.broadcast_to(jnp.asarray(class_index, jnp.int32), (b,))
@@ -109,8 +111,9 @@ def occlusion_corners(length: int, size: int, stride: int) -> list[int]:
     """The patch's first pixels along an axis of ``length``: ``0, stride, ...`` up to ``length - size``,
     and ``length - size`` itself, so that the patches cover every pixel."""
     if not 0 < size <= length or stride < 1:
-        raise ValueError(
-            f"an occlusion patch of {size} pixels with stride {stride} does not fit {length} pixels."
+        raise ConfigError(
+            f"an occlusion patch of {size} pixels with stride {stride} does not fit {length} pixels; "
+            "choose an occlusion_size of at most the image side."
         )
     return sorted(set(range(0, length - size + 1, stride)) | {length - size})
 
