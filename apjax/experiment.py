@@ -3,7 +3,9 @@
 A sweep is a list of stages, each with its own workdir under one root:
 
 - ``teacher``;
-- ``kd_<student>_<method>``: distillation into each student size with ``kd``, ``ewa``, ``swa``, ``sswa``;
+- ``kd_<student>_<method>``: distillation into each student size with ``kd``, ``ewa``, ``swa``, ``sswa``,
+  or a black-box teacher's method (``bb_gradcam``, ``bb_input_grad``: its stage reads the teacher through
+  its logits only, ``distill.teacher_access = 'blackbox'``);
 - ``prune_u_<method>`` and ``prune_s_<method>``: unstructured and structured pruning with ``naive``,
   ``ewa``, ``swa``, ``sswa``;
 - ``quant_<bits>_<method>``: quantization-aware training of the teacher (``int8``: int8 weights and
@@ -48,6 +50,7 @@ import ml_collections
 
 from apjax import evaluation
 from apjax.attribution.methods import check_methods, method_options
+from apjax.compress.matching import MATCHING_MAPS
 from apjax.errors import ConfigError
 from apjax.evaluators.faithfulness import check_faithfulness
 from apjax.models import family_of
@@ -97,6 +100,8 @@ def _compression_stages(config: ml_collections.ConfigDict, teacher_model: str, t
             c = _stage_config(config.kd, config)
             c.model = student_model(teacher_model, student)
             c.distill.method, c.distill.teacher_workdir = method, teacher_dir
+            if method in MATCHING_MAPS and MATCHING_MAPS[method].teacher_access == "blackbox":
+                c.distill.teacher_access = "blackbox"  # its teacher answers with logits only
             stages.append(Stage(f"kd_{student}_{method}", "distill", method, student, c))
     for kind in config.prune_kinds:
         task = f"prune_{kind}"

@@ -26,6 +26,7 @@ from apjax.report_seeds import (
     fmt_params,
     group_metrics,
     method_name,
+    method_tables,
     paired_rows,
     paired_tables,
     run_metrics,
@@ -356,6 +357,7 @@ def tables(config, stages, results: dict, voc: bool) -> list[str]:
         *_quantization_table(ev, groups),
         *paired_tables(ev, stages),
         *_faithfulness_tables(ev, stages),
+        *method_tables(ev, stages, method_label),
         *_table8(ev8, smallest, voc),
         *_checkpoints_table(ev),
     ]

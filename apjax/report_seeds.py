@@ -148,19 +148,18 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [row(header), "|" + "---|" * len(header), *[row(r) for r in rows]]
 
 
-def paired_rows(ev: dict, comparisons, columns=PAIRED_COLUMNS) -> list[list[str]]:
+def paired_rows(ev: dict, comparisons, columns=PAIRED_COLUMNS, method: str = "gradcam") -> list[list[str]]:
     """A row per (label, method stages, baseline stages): each of ``columns``' (header, key) mean
-    difference over the seeds both ran, with its t interval, and n."""
+    difference over the seeds both ran, with its t interval, and n; map numbers of attribution ``method``."""
     rows = []
     for label, name, method_stages, base_stages in comparisons:
-        per_seed = lambda stages: {s.seed: run_metrics(ev, s.name) for s in stages}  # noqa: E731
+        per_seed = lambda stages: {s.seed: run_metrics(ev, s.name, method) for s in stages}  # noqa: E731
         a = {k: m for k, m in per_seed(method_stages).items() if m}
         b = {k: m for k, m in per_seed(base_stages).items() if m}
         if not set(a) & set(b):
             continue
         diffs = [
-            paired_difference(*({k: m[key] for k, m in x.items()} for x in (a, b)))
-            for _, key in columns
+            paired_difference(*({k: m[key] for k, m in x.items()} for x in (a, b))) for _, key in columns
         ]
         n = max((d.n for d in diffs if d), default=0)
         cells = [fmt(key, d, signed=True) for (_, key), d in zip(columns, diffs, strict=True)]
@@ -170,13 +169,18 @@ def paired_rows(ev: dict, comparisons, columns=PAIRED_COLUMNS) -> list[list[str]
 
 def comparisons(stages: list[Stage]) -> tuple[list, list]:
     """The paired comparisons of a sweep: (label, name, method stages, baseline stages) of each matching
-    student against KD of its size, and of each pruning or quantization method against its naive run."""
+    student against KD of its size (a black-box teacher's method also against SSWA, which reads the whole
+    teacher), and of each pruning or quantization method against its naive run."""
     groups = by_base(stages)
     kd, other = [], []
     for base, group in groups.items():
         s = group[0]
         if s.kind == "distill" and s.method != "kd" and f"kd_{s.student}_kd" in groups:
             kd.append((s.student, f"{method_name(s.method)} - KD", group, groups[f"kd_{s.student}_kd"]))
+        blackbox = s.method in MATCHING_MAPS and MATCHING_MAPS[s.method].teacher_access == "blackbox"
+        if s.kind == "distill" and blackbox and f"kd_{s.student}_sswa" in groups:
+            sswa = groups[f"kd_{s.student}_sswa"]
+            kd.append((s.student, f"{method_name(s.method)} - SSWA", group, sswa))
         baseline = base.rsplit("_", 1)[0] + "_naive"
         if s.kind != "distill" and s.method != "naive" and baseline in groups:
             kind = {"prune_unstructured": "unstructured pruning", "prune_structured": "structured pruning"}
@@ -208,6 +212,44 @@ def paired_tables(ev: dict | None, stages: list[Stage]) -> list[str]:
             "lower is better. Cos and l2 compare Grad-CAM maps over the scored pairs only (classes present "
             "and predicted); map cos (val) is the training's own teacher-student cosine of the SWA maps at "
             "the matched taps over EVERY val image, at the best checkpoint.",
+            "",
+        ]
+    return lines
+
+
+# The columns of the tables of an evaluation method other than Grad-CAM (its maps' numbers only).
+MAP_COLUMNS = (("AUC", "AUC"), ("Point", "Point"), ("Cos", "Cos"), ("l2", "l2"))
+
+
+def method_tables(ev: dict | None, stages: list[Stage], label_of) -> list[str]:
+    """For each evaluation method of ``ev`` other than Grad-CAM (the paper's tables already show it): every
+    run's AUC, Point, Cos and l2 of that method's maps over its seeds, and the paired differences (a method
+    minus KD, naive or SSWA, same seed). ``label_of(method)`` names an attribution method."""
+    if not ev:
+        return []
+    lines = []
+    groups = by_base(stages)
+    for method in [m for m in ev.get("methods", []) if m != "gradcam"]:
+        rows = []
+        for base, (s, *_) in groups.items():
+            m = group_metrics(ev, [x.name for x in groups[base]], method)
+            if m and m.get("AUC") is not None:
+                name = method_name(s.method) if s.method else "-"
+                rows.append([base, name, str(m["n"]), *(fmt(k, m[k]) for _, k in MAP_COLUMNS)])
+        if not rows:
+            continue
+        title = seeds_title(f"{label_of(method)} maps of every run", [int(r[2]) for r in rows])
+        header = ["run", "method", "n", *(h for h, _ in MAP_COLUMNS)]
+        lines += [f"## {title}", "", *table(header, rows), ""]
+        kd, other = comparisons(stages)
+        paired = paired_rows(ev, kd + other, MAP_COLUMNS, method)
+        if paired:
+            header = ["compression", "difference", "n", *(h for h, _ in MAP_COLUMNS)]
+            lines += [f"Paired differences of the {label_of(method)} numbers (same seed):", ""]
+            lines += [*table(header, paired), ""]
+        lines += [
+            f"AUC and Point score each run's {label_of(method)} maps against the masks, Cos and l2 compare "
+            "them with the teacher's (min-max normalised), on the same pairs as the tables above.",
             "",
         ]
     return lines

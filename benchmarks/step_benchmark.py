@@ -29,6 +29,11 @@ augmentation; nothing is trained (the weights come from ``init_variables``). The
   teacher's logits, tap activations and channel weights come with the batch, as from the teacher cache
   (``distill.teacher_cache``; random bfloat16 values here); ``teacher_cache_build``: one batch of the pass
   that builds that cache (the draw's crops, the teacher's outputs, cast to bfloat16);
+- ``kd_bb_gradcam_cached[s]``, ``kd_bb_input_grad_cached[s]``: a black-box teacher
+  (``distill.teacher_access = 'blackbox'``): KD plus the student's Grad-CAM or input-gradient map against
+  the teacher's cached 16 x 16 RISE map (random bfloat16 values here); ``teacher_cache_build_rise``: one
+  batch of the pass that builds that cache, the teacher's logits and RISE map (N + 1 forward passes per
+  image; below 128 px the small configs' 128 masks, else 1000);
 - ``prune_ft_sswa``: the unstructured-pruning fine-tune step (``make_distill_step`` with a BCE base loss,
   masks in the train state, SSWA matching against the unpruned teacher) at the paper's last sparsity;
 - ``loc[m]``: localisation evaluation of the teacher with attribution method ``m``, as ``eval.py`` does
@@ -79,6 +84,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from apjax.compress import distill, teacher_cache
+from apjax.compress.blackbox import forward_passes
 from apjax.compress.matching import MATCHING_MAPS
 from apjax.data.pipeline import TrainBatches, batch_sharding, data_mesh
 from apjax.models import create_model, init_variables
@@ -252,7 +258,7 @@ def build_distill_cached(method: str) -> Callable[[Setting, Mesh, str | None], W
     cache's shapes, placed on the devices beforehand like the images) instead of computed."""
 
     def build(s: Setting, mesh: Mesh, student: str | None) -> Workload:
-        c = _sized(vgg16_kd.get_config(f"student={student},method={method}"), s)
+        c = _blackbox_ready(_sized(vgg16_kd.get_config(f"student={student},method={method}"), s), s)
         c.distill.teacher_cache = 4
         lr_fn, tx = _optimizer(c)
         student_model = build_model(c, s.num_classes)
@@ -273,16 +279,44 @@ def build_distill_cached(method: str) -> Callable[[Setting, Mesh, str | None], W
     return build
 
 
-def build_cache_pass(s: Setting, mesh: Mesh, variant: str | None) -> Workload:
-    """One batch of the teacher-cache build for KD + SSWA: the draw's crops and the teacher's logits, tap
-    activations and pooled tap gradients, cast to bfloat16 (``teacher_cache``'s jitted pass)."""
-    c = _sized(vgg16_kd.get_config("method=sswa"), s)
-    teacher, teacher_vars = _teacher(s, mesh)
-    spec, taps = MATCHING_MAPS["sswa"], tuple(c.distill.taps)
-    fn = teacher_cache.jitted_outputs(c, teacher, spec, taps, mesh, jnp.bfloat16)
-    args = lambda v, b: (v, b["images"], b["sizes"], b["extents"], b["index"], jnp.int32(0))  # noqa: E731
-    config = {"model": s.teacher, "precision": s.precision, "step": "teacher_cache pass", "taps": list(taps)}
-    return Workload(fn, teacher_vars, lambda v, b: (v, fn(*args(v, b))), args, config)
+def _blackbox_ready(c, s: Setting):
+    """``c`` with ``teacher_access = 'blackbox'`` when its method matches a black-box teacher's map; below
+    128 px with the small configs' RISE (128 masks of a 4 x 4 grid, p = 0.5), else RISE's 1000 masks."""
+    spec = MATCHING_MAPS.get(c.distill.method)
+    if spec is not None and spec.teacher_access == "blackbox":
+        c.distill.teacher_access = "blackbox"
+        if s.image_size < 128:
+            c.distill.blackbox.options.update(rise_masks=128, rise_cells=4, rise_keep=0.5, rise_chunk=32)
+    return c
+
+
+def build_cache_pass(method: str) -> Callable[[Setting, Mesh, str | None], Workload]:
+    """The builder of one batch of the teacher-cache build for ``method``: the draw's crops and what the
+    method stores of the teacher, cast to bfloat16 (``teacher_cache``'s jitted pass): for SSWA the logits,
+    tap activations and pooled tap gradients; for a black-box method the logits and the RISE map (N + 1
+    teacher forward passes per image)."""
+
+    def build(s: Setting, mesh: Mesh, variant: str | None) -> Workload:
+        c = _blackbox_ready(_sized(vgg16_kd.get_config(f"method={method}"), s), s)
+        teacher, teacher_vars = _teacher(s, mesh)
+        spec, taps = MATCHING_MAPS[method], tuple(c.distill.taps)
+        fn = teacher_cache.jitted_outputs(c, teacher, spec, taps, mesh, jnp.bfloat16)
+        args = lambda v, b: (v, b["images"], b["sizes"], b["extents"], b["index"], jnp.int32(0))  # noqa: E731
+        config = {
+            "model": s.teacher,
+            "precision": s.precision,
+            "step": "teacher_cache pass",
+            "taps": list(taps),
+        }
+        if spec.teacher_access == "blackbox":
+            size = s.image_size
+            config["blackbox"] = {
+                **c.distill.blackbox.to_dict(),
+                "forward_passes": forward_passes(c.distill, size, size),
+            }
+        return Workload(fn, teacher_vars, lambda v, b: (v, fn(*args(v, b))), args, config)
+
+    return build
 
 
 def build_prune_finetune(method: str) -> Callable[[Setting, Mesh, str | None], Workload]:
@@ -354,7 +388,22 @@ CASES: dict[str, Case] = {
         "KD + SSWA step from the teacher cache (no teacher)",
     ),
     "teacher_cache_build": Case(
-        "forward", build_cache_pass, "", "teacher-cache build pass, KD + SSWA outputs"
+        "forward", build_cache_pass("sswa"), "", "teacher-cache build pass, KD + SSWA outputs"
+    ),
+    "kd_bb_gradcam_cached": Case(
+        "train",
+        build_distill_cached("bb_gradcam"),
+        "students",
+        "black-box teacher: KD + the student's Grad-CAM against the cached RISE map",
+    ),
+    "kd_bb_input_grad_cached": Case(
+        "train",
+        build_distill_cached("bb_input_grad"),
+        "students",
+        "black-box teacher: KD + the student's input gradient against the cached RISE map",
+    ),
+    "teacher_cache_build_rise": Case(
+        "forward", build_cache_pass("bb_gradcam"), "", "teacher-cache build pass, logits and RISE maps"
     ),
     "prune_ft_sswa": Case(
         "train", build_prune_finetune("sswa"), "", "unstructured-pruning fine-tune step, BCE + SSWA matching"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 # The synthetic benchmark's "small" variant, sized for a laptop CPU: 72x72 images (64x64 crops), a few
 # thousand of them, 10 classes and at most 2 objects (with 20 classes and 4 objects, a VGG16/8 from scratch
@@ -108,6 +109,25 @@ def teacher_matching_config(method: str, small: bool) -> ml_collections.ConfigDi
     c.teacher_cache = 0
     c.teacher_cache_dtype = "bfloat16"
     c.teacher_cache_dir = ""
+    # How the teacher may be read (apjax.compress.blackbox): "full" (its activations and gradients, every
+    # method above) or "blackbox" (its logits only: methods bb_gradcam and bb_input_grad match its RISE or
+    # occlusion map, computed once per image and draw by the teacher cache, so teacher_cache >= 1).
+    c.teacher_access = "full"
+    c.blackbox = ml_collections.ConfigDict()
+    c.blackbox.map = "rise"  # or "occlusion"
+    c.blackbox.size = 16  # the stored map's side: two or more samples per RISE grid cell (s <= 8)
+    # The map's settings (apjax.attribution.methods.MethodOptions' rise_* and occlusion_* fields and the
+    # masks' seed). At full size RISE's evaluation defaults (N = 1000, s = 8, p = 0.1); small: 128 masks of a
+    # 4 x 4 grid kept with p = 0.5, the cheapest setting measured to reach a given agreement with a
+    # 4096-mask map at 64 px (docs/blackbox.md).
+    c.blackbox.options = ml_collections.ConfigDict(
+        dict(rise_masks=128, rise_cells=4, rise_keep=0.5, rise_chunk=32) if small
+        else dict(rise_masks=1000, rise_cells=8, rise_keep=0.1, rise_chunk=50)
+    )  # fmt: skip
+    c.blackbox.options.occlusion_size = placeholder(int)  # None: an eighth of the image side
+    c.blackbox.options.occlusion_stride = placeholder(int)  # None: half the patch
+    c.blackbox.options.occlusion_baseline = 0.0
+    c.blackbox.options.seed = 0
     return c
 
 

@@ -3,6 +3,7 @@ evaluation and a report with the paper's tables.
 
   python train.py --config configs/paper.py:demo --workdir workdirs/demo     # 5 to 8 minutes on 2 CPU cores
   python train.py --config configs/paper.py:science --workdir workdirs/science  # under an hour, 2 CPU cores
+  python train.py --config configs/paper.py:blackbox --workdir workdirs/blackbox  # a black-box teacher
   python train.py --config configs/paper.py:small --workdir workdirs/sweep_small   # hours on a CPU
   python train.py --config configs/paper.py --workdir workdirs/paper \
       --config.teacher.init_from=/path/to/vgg16_bn.pth                      # VOC, SPEC's full recipes
@@ -20,7 +21,9 @@ since structured pruning and the rule-based methods of Table 8 need VGG's plain 
 Variants (after the colon): ``demo`` (synthetic benchmark, a VGG16/8 teacher and its x2 student with and
 without SSWA: the story in minutes), ``science`` (the demo's teacher; its x2 student with KD, EWA, SWA and
 SSWA, and both prunings with naive, EWA, SWA and SSWA fine-tuning, each on 3 seeds: the paper's Table 2
-and Tables 4-7 with 95% intervals and paired differences, under an hour on 2 CPU cores), ``small`` (the
+and Tables 4-7 with 95% intervals and paired differences, under an hour on 2 CPU cores), ``blackbox`` (the
+science variant's teacher and x2 student, 3 seeds: KD, SSWA, and the black-box teacher's methods
+``bb_gradcam`` and ``bb_input_grad`` matching its RISE maps; docs/blackbox.md), ``small`` (the
 CPU-sized variant of every config: all students and methods, both prunings), and the default ``paper``
 (PASCAL VOC 2012 at 227x227, VGG16, every recipe as in
 SPEC section 6; needs a GPU or TPU). Each stage runs in ``<workdir>/<stage>``; rerunning the command skips
@@ -56,6 +59,9 @@ from configs.common import data_config, parse_arg
 # The matching weight of the demo and science variants' students (the small variant's configs use 10): at
 # this scale a larger beta costs classification (docs/results.md, "Matching's cost at the demo's scale").
 DEMO_BETA = 10.0
+# The blackbox variant's RISE evaluation: 256 masks of a 4 x 4 grid kept with p = 0.5 (at 64 px the cheapest
+# measured setting for a given agreement with a 4096-mask map; docs/blackbox.md).
+BLACKBOX_EVAL_RISE = dict(rise_masks=256, rise_cells=4, rise_keep=0.5, rise_chunk=32)
 
 
 def method_options_config() -> ml_collections.ConfigDict:
@@ -67,10 +73,11 @@ def method_options_config() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = parse_arg(arg, demo=False, small=False, science=False, model="vgg16")
+    a = parse_arg(arg, demo=False, small=False, science=False, blackbox=False, model="vgg16")
     if a.model not in ("vgg16", *teacher_resnet.MODELS):
         raise ValueError(f"unknown model {a.model!r}; choose vgg16, {' or '.join(teacher_resnet.MODELS)}.")
     variant = "demo" if a.demo else "science" if a.science else "small" if a.small else "paper"
+    variant = "blackbox" if a.blackbox else variant
     stage_arg = "data=synthetic,small" if variant != "paper" else ""
     c = ml_collections.ConfigDict()
     c.task = "experiment"
@@ -133,7 +140,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             # The reference keeps the checkpoint with the best per-image AP (its and the paper's "mAP").
             stage.best_metric = "per_image_AP"
 
-    if variant in ("demo", "science"):
+    if variant in ("demo", "science", "blackbox"):
         # Fewer images and a VGG16/8 teacher: a teacher far above chance, and students with and without
         # matching, within the 10 minutes of a 2-core CPU.
         c.data.split_sizes.update(train=2000, val=400, segmentation_val=200)
@@ -146,6 +153,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.quant_bits = ()  # the demo is unchanged; e.g. --config.quant_bits="('int8','int4w')" adds them
         c.table8_methods = ()
         c.kd.distill.beta = DEMO_BETA
+    if variant == "blackbox":
+        # A teacher that answers with logits only (apjax.compress.blackbox): its RISE maps, computed once per
+        # image by the teacher cache, matched by the student's Grad-CAM and input gradient; against KD and
+        # SSWA (which reads everything) on the science variant's data, teacher and x2 student, 3 seeds.
+        # Every run reads the teacher from a cache of one augmentation draw, so all see the same crops.
+        c.seeds = (0, 1, 2)
+        c.kd_methods = ("kd", "sswa", *matching_methods("blackbox"))
+        c.kd.distill.teacher_cache = 1
+        # e2KD's form. With both maps non-zero, squared_mean = (1 - cos) * 2 / P, and SSWA's map at conv5_3
+        # has P = 16 positions at 64 px: cosine with beta 1.25 is the science variant's SSWA loss (beta 10)
+        # exactly, and gives the black-box maps (16 x 16) the same weight on 1 - cos.
+        c.kd.distill.matching_form = "cosine"
+        c.kd.distill.beta = DEMO_BETA * 2 / 16
+        c.eval_methods = ("gradcam", "rise")  # do the students' RISE maps move toward the teacher's too?
+        c.method_options.update(BLACKBOX_EVAL_RISE)
+        c.faithfulness.enabled = True
     if variant == "science":
         # The paper's comparisons on the demo's teacher, with intervals: Table 2 for one student (every
         # matching map against KD) and Tables 4-7 (both prunings, naive against every map), 3 seeds each.

@@ -106,7 +106,7 @@ def test_configs_page_lists_every_config_with_its_arguments():
     for path in page.config_files():
         assert f"## configs/{path.name}" in text
     assert page.arguments(ROOT / "configs" / "paper.py") == dict(
-        demo=False, small=False, science=False, model="vgg16"
+        demo=False, small=False, science=False, blackbox=False, model="vgg16"
     )
     assert "variant = 'paper'" in text  # get_config() with no argument is the paper's variant
 

@@ -406,3 +406,51 @@ def test_faithfulness_table_shows_each_runs_aucs_with_intervals_and_paired_diffe
     c.faithfulness.deletion_baseline = "noise"
     with pytest.raises(ConfigError, match="faithfulness deletion_baseline='noise'"):
         experiment.validate_sweep(c, experiment.plan(c, tmp_path))
+
+
+def test_blackbox_report_tables_of_rise_maps_and_pairs_against_kd_and_sswa(tmp_path):
+    """The blackbox variant's report: a table of every run's RISE numbers over seeds, and paired differences
+    of each black-box method against KD and against SSWA (Grad-CAM and RISE), intervals computed here."""
+    import numpy as np
+    from scipy import stats as sps
+
+    c = paper.get_config("blackbox")
+    stages = experiment.plan(c, tmp_path)
+    methods = ("kd", "sswa", "bb_gradcam", "bb_input_grad")
+    rise_cos = {"kd": [0.50, 0.55, 0.52], "sswa": [0.60, 0.58, 0.66], "bb_gradcam": [0.70, 0.72, 0.69],
+                "bb_input_grad": [0.61, 0.64, 0.60]}  # fmt: skip
+    cam_cos = {"kd": [0.40, 0.45, 0.41], "sswa": [0.80, 0.82, 0.79], "bb_gradcam": [0.55, 0.50, 0.57],
+               "bb_input_grad": [0.42, 0.47, 0.40]}  # fmt: skip
+    runs = {"teacher": fake_run(0.85, float("nan"))}
+    runs["teacher"]["methods"]["rise"] = {"AUC": 0.8, "Point": 0.7, "Cos": float("nan"), "l2": float("nan")}
+    for k, suffix in enumerate(("", "@s1", "@s2")):
+        for m in methods:
+            run = fake_run(0.8, cam_cos[m][k])
+            cos = rise_cos[m][k]
+            run["methods"]["rise"] = {"AUC": 0.7, "Point": 0.6, "Cos": cos, "l2": 1 - cos}
+            runs[f"kd_x2_{m}{suffix}"] = run
+    ev = {"run_order": list(runs), "runs": runs, "methods": ["gradcam", "rise"]}
+    md = "\n".join(report.tables(c, stages, {"eval": ev, "eval_methods": None}, voc=False))
+
+    def interval(xs):
+        xs = np.asarray(xs)
+        return xs.mean(), sps.t.ppf(0.975, len(xs) - 1) * xs.std(ddof=1) / np.sqrt(len(xs))
+
+    section = md[md.index("## RISE maps of every run") :]
+    mean, half = interval(rise_cos["bb_gradcam"])
+    assert cell(section, ["kd_x2_bb_gradcam", "BB Grad-CAM"], "Cos") == f"{mean:.3f} ± {half:.3f}"
+    assert cell(section, ["teacher", "-"], "AUC") == "80.00"
+    mean, half = interval(np.subtract(rise_cos["bb_gradcam"], rise_cos["kd"]))
+    assert cell(section, ["x2", "BB Grad-CAM - KD"], "Cos") == f"{mean:+.3f} ± {half:.3f}"
+    mean, half = interval(np.subtract(rise_cos["bb_input_grad"], rise_cos["sswa"]))
+    assert cell(section, ["x2", "BB input grad - SSWA"], "Cos") == f"{mean:+.3f} ± {half:.3f}"
+    # The Grad-CAM paired table (the paper's maps) has the comparison with SSWA too.
+    mean, half = interval(np.subtract(cam_cos["bb_gradcam"], cam_cos["sswa"]))
+    assert cell(md, ["x2", "BB Grad-CAM - SSWA"], "Cos") == f"{mean:+.3f} ± {half:.3f}"
+    assert "SSWA - SSWA" not in md and "KD - SSWA" not in md
+    # A sweep evaluated with Grad-CAM alone has no such section.
+    ev["methods"] = ["gradcam"]
+    for run in runs.values():
+        run["methods"].pop("rise")
+    md = "\n".join(report.tables(c, stages, {"eval": ev, "eval_methods": None}, voc=False))
+    assert "RISE maps" not in md

@@ -127,10 +127,15 @@ def test_an_interrupted_build_resumes_where_it_stopped(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         tc.build_teacher_cache(c, teacher, tv, train, mesh, chunk=8)
     incomplete = tmp_path / "cache.incomplete"
-    assert json.loads((incomplete / "progress.json").read_text()) == {"done": 3}
+    progress = json.loads((incomplete / "progress.json").read_text())
+    assert progress["done"] == 3 and progress["seconds"] > 0
     monkeypatch.setattr(tc, "jitted_outputs", real)
     resumed = tc.build_teacher_cache(c, teacher, tv, train, mesh, chunk=8)
     assert not incomplete.exists()
+    # build.json counts the time of both sessions of the build.
+    build = json.loads((resumed.directory / "build.json").read_text())
+    assert build["seconds"] >= round(progress["seconds"], 2) and build["images"] == len(train)
+    assert build["draws"] == 3 and build["teacher_forward_passes_per_image_and_draw"] == 1
     fresh = tc.build_teacher_cache(
         _config(tmp_path / "fresh", "ewa", draws=3), teacher, tv, train, mesh, chunk=8
     )

@@ -10,7 +10,10 @@ in train mode with its tap gradients for the same k, the student map, the loss
 and its gradient with respect to the student's parameters, which runs through d logit_k / d A of the
 student (second order), then the update. Methods: ``kd`` (no matching), ``ewa``, ``swa``, ``sswa`` (the
 teacher's channels randomly dropped before the sum: a fixed count per batch as in the reference, or
-Bernoulli per image and channel as in the paper).
+Bernoulli per image and channel as in the paper), and with a black-box teacher
+(``distill.teacher_access = 'blackbox'``, :mod:`apjax.compress.blackbox`) ``bb_gradcam`` and
+``bb_input_grad``: the teacher's RISE or occlusion map, read from the teacher cache, matched by the
+student's Grad-CAM or input-gradient map.
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from apjax.attribution import map_cosine_similarity, swa_map
-from apjax.compress.losses import MATCHING_FORMS, bce_loss, kd_loss, multi_tap_matching_loss
-from apjax.compress.matching import MATCHING_MAPS, SSWA_MODES, maps_at_taps, matching_methods, sswa_masks
+from apjax.compress.blackbox import matched_maps
+from apjax.compress.distill_config import methods, validate_distill_config
+from apjax.compress.losses import bce_loss, kd_loss, multi_tap_matching_loss
+from apjax.compress.matching import MATCHING_MAPS, maps_at_taps, sswa_masks
 from apjax.compress.teacher_cache import (
-    CACHE_DTYPES,
     CachedBatches,
     build_teacher_cache,
     draw_key,
@@ -54,63 +58,19 @@ from apjax.trainer.state import (
     step_keys,
 )
 
-__all__ = ["distill_loss", "make_distill_step", "methods", "sswa_masks", "teacher_maps"]
-
-
-def methods() -> tuple[str, ...]:
-    """Distillation's methods: ``kd`` (no matching term) and every registered matching map."""
-    return ("kd", *matching_methods())
+__all__ = [
+    "distill_loss",
+    "make_distill_step",
+    "methods",
+    "sswa_masks",
+    "teacher_maps",
+    "validate_distill_config",
+]
 
 
 # ------------------------------------------------------------------------------------------------
-# Config and teacher.
+# Config and teacher (the config's checks: apjax.compress.distill_config, re-exported here).
 # ------------------------------------------------------------------------------------------------
-
-
-def validate_distill_config(
-    config: ml_collections.ConfigDict, choices: tuple[str, ...] | None = None
-) -> None:
-    """Raises ``ConfigError`` (one sentence) for a bad ``config.distill`` value (teacher and matching);
-    ``choices`` are the allowed methods (distillation's by default)."""
-    d = config.distill
-    choices = methods() if choices is None else choices
-    if d.method not in choices:
-        raise ConfigError(f"unknown method {d.method!r}; choose one of {list(choices)}.")
-    if d.matching_form not in MATCHING_FORMS:
-        raise ConfigError(f"unknown matching_form {d.matching_form!r}; choose one of {list(MATCHING_FORMS)}.")
-    if d.sswa_mode not in SSWA_MODES:
-        raise ConfigError(f"unknown sswa_mode {d.sswa_mode!r}; choose one of {list(SSWA_MODES)}.")
-    if not 0 <= d.sswa_drop < 1:
-        raise ConfigError(f"config.distill.sswa_drop must be in [0, 1), got {d.sswa_drop!r}.")
-    if not d.beta >= 0:
-        raise ConfigError(f"config.distill.beta must be >= 0, got {d.beta!r}.")
-    if not d.temperature > 0:
-        raise ConfigError(f"config.distill.temperature must be > 0, got {d.temperature!r}.")
-    if not 0 <= d.alpha <= 1:
-        raise ConfigError(f"config.distill.alpha must be in [0, 1], got {d.alpha!r}.")
-    if not 0 <= d.get("kd_log_eps", 0.0) < 1e-3:
-        raise ConfigError(
-            f"config.distill.kd_log_eps must be in [0, 1e-3) (the reference's 1e-7, or 0 for the exact "
-            f"log-sigmoid), got {d.kd_log_eps!r}."
-        )
-    taps = list(d.taps)
-    known = create_model(config.model).tap_names
-    if d.method in MATCHING_MAPS and (not taps or any(t not in known for t in taps)):
-        raise ConfigError(f"config.distill.taps must be a non-empty subset of {list(known)}, got {taps}.")
-    cache = d.get("teacher_cache", 0)
-    if not isinstance(cache, int) or cache < 0:
-        raise ConfigError(
-            f"config.distill.teacher_cache must be an integer >= 0 (0: the live teacher), got {cache!r}."
-        )
-    if d.get("teacher_cache_dtype", "bfloat16") not in CACHE_DTYPES:
-        raise ConfigError(
-            f"unknown config.distill.teacher_cache_dtype {d.teacher_cache_dtype!r}; "
-            f"choose one of {list(CACHE_DTYPES)}."
-        )
-    if not d.teacher_workdir:
-        raise ConfigError(
-            "config.distill.teacher_workdir is empty; set it to the --workdir of a trained teacher."
-        )
 
 
 def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -160,7 +120,7 @@ def teacher_maps(
       methods without matching, masks for methods other than SSWA.
     """
     spec, taps = MATCHING_MAPS.get(d.method), tuple(d.taps)
-    return teacher_side(teacher_outputs(teacher, variables, x, spec, taps), spec, taps, d, key)
+    return teacher_side(teacher_outputs(teacher, variables, x, spec, taps, d), spec, taps, d, key)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -242,7 +202,12 @@ def student_loss(
     loss, parts = _base_loss(base_loss, s_logits, t_logits, labels, d)
     match = jnp.zeros((), jnp.float32)
     s_maps = {}
-    if spec is not None:
+    if spec is not None and spec.student_maps is not None:
+        # A black-box teacher: its one stored map against the student's own maps at its resolution.
+        s_maps, t_maps = matched_maps(s_acts, t_maps["map"])
+        match = multi_tap_matching_loss(s_maps, t_maps, d.matching_form)
+        loss = loss + d.beta * match
+    elif spec is not None:
         # The student's map is never channel-dropped: masks are the teacher's alone.
         s_maps = maps_at_taps(spec, s_acts, s_grads)
         match = multi_tap_matching_loss(s_maps, t_maps, d.matching_form)
@@ -253,8 +218,12 @@ def student_loss(
 
 def _student_forward(student, variables, x, seed, spec, taps, dropout_key):
     """The student in train mode: ``(logits, acts, grads or None, updates)``; the tap gradients (seeded by
-    the teacher's class) only when the matching map needs them, the activations only when it matches."""
+    the teacher's class) only when the matching map needs them, the activations only when it matches. A
+    black-box method's entry computes the student's maps itself: they come in place of ``acts``."""
     rngs = {"dropout": dropout_key}
+    if spec is not None and spec.student_maps is not None:
+        logits, maps, updates = spec.student_maps(student, variables, x, seed, taps, rngs)
+        return logits, maps, None, updates
     if spec is not None and spec.needs_gradients:
         return tap_gradients(student, variables, x, seed, taps, train=True, rngs=rngs)
     logits, acts, updates = apply_with_taps(

@@ -4,7 +4,9 @@ The matching loss compares a student's and a teacher's attribution maps after L2
 per sample; the teacher side is always a constant (``stop_gradient``). Two forms:
 
 - ``'squared_mean'`` (the reference's default): mean over batch and positions of ``(n(M_t) - n(M_s))^2``;
-- ``'l2'`` (the paper's): per-sample ``||n(M_s) - n(M_t)||_2``, not squared, mean over the batch.
+- ``'l2'`` (the paper's): per-sample ``||n(M_s) - n(M_t)||_2``, not squared, mean over the batch;
+- ``'cosine'`` (e2KD's, for black-box teachers): per-sample ``1 - <n(M_s), n(M_t)>``, mean over the batch
+  (``'squared_mean'`` times ``P / 2`` for maps of ``P`` positions, both maps non-zero).
 
 The ``'l2'`` form uses a square root with a zero (sub)gradient where the two maps coincide, so a student
 that starts as a copy of its teacher (pruning) gets a finite gradient on the first step.
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 
 from apjax.attribution.maps import normalize_map
 
-MATCHING_FORMS = ("squared_mean", "l2")
+MATCHING_FORMS = ("squared_mean", "l2", "cosine")
 
 
 def _float(x: jax.Array) -> jax.Array:
@@ -47,6 +49,8 @@ def matching_loss(
         raise ValueError(f"map shapes differ: student {student_map.shape}, teacher {teacher_map.shape}.")
     s = normalize_map(student_map, eps)
     t = normalize_map(jax.lax.stop_gradient(teacher_map), eps)
+    if form == "cosine":
+        return jnp.mean(1.0 - jnp.sum(s * t, axis=-1))
     sq = jnp.square(t - s)
     if form == "squared_mean":
         return jnp.mean(sq)

@@ -8,7 +8,12 @@ An entry says what both sides of the matching term compute at each tap of the la
 - ``teacher_masks``: optional ``(key, acts by tap, config.distill) -> channel masks by tap``, drawn for the
   TEACHER only (SSWA); the student's map is never masked;
 - ``pooled_gradients``: the map reads the gradients only through their spatial sum (the channel weights
-  u_c), so the teacher's may be given (and cached, :mod:`apjax.compress.teacher_cache`) as (B, 1, 1, C).
+  u_c), so the teacher's may be given (and cached, :mod:`apjax.compress.teacher_cache`) as (B, 1, 1, C);
+- ``teacher_access``: ``'full'`` (the teacher's taps and gradients, the entries above) or ``'blackbox'``:
+  the teacher is read through its logits only and its map is a stored RISE or occlusion map
+  (:mod:`apjax.compress.blackbox`); the entry then gives ``student_maps(model, variables, x, seed, taps,
+  rngs) -> (logits, {name: (B, h, w)}, updates)``, the student's own maps in train mode, and ``map_fn`` is
+  unused.
 
 The distillation and pruning steps read only this table, so a new matching map (Grad-CAM weights at any
 tap, another mask scheme) is one entry here: no step, validation, sweep or report edit. The methods
@@ -24,6 +29,7 @@ from typing import Any
 import jax
 
 from apjax.attribution.maps import bernoulli_channel_mask, ewa_map, fixed_count_channel_mask, swa_map
+from apjax.compress.blackbox import student_gradcam, student_input_gradient
 
 SSWA_MODES = ("fixed_count", "bernoulli")
 
@@ -49,10 +55,12 @@ class MatchingMap:
     """One matching method: see the module docstring. ``label`` is its name in tables."""
 
     label: str
-    needs_gradients: bool
-    map_fn: Callable[[jax.Array, jax.Array | None, jax.Array | None], jax.Array]
+    needs_gradients: bool = False
+    map_fn: Callable[[jax.Array, jax.Array | None, jax.Array | None], jax.Array] | None = None
     teacher_masks: Callable[[jax.Array, Mapping[str, jax.Array], Any], dict[str, jax.Array]] | None = None
     pooled_gradients: bool = False
+    teacher_access: str = "full"
+    student_maps: Callable[..., tuple[jax.Array, dict[str, jax.Array], dict[str, Any]]] | None = None
 
 
 MATCHING_MAPS: dict[str, MatchingMap] = {
@@ -67,12 +75,17 @@ MATCHING_MAPS: dict[str, MatchingMap] = {
         teacher_masks=lambda key, acts, d: sswa_masks(key, acts, d.sswa_mode, d.sswa_drop),
         pooled_gradients=True,
     ),
+    "bb_gradcam": MatchingMap("BB Grad-CAM", teacher_access="blackbox", student_maps=student_gradcam),
+    "bb_input_grad": MatchingMap(
+        "BB input grad", teacher_access="blackbox", student_maps=student_input_gradient
+    ),
 }
 
 
-def matching_methods() -> tuple[str, ...]:
-    """The registered matching methods, read when called (entries added at run time count)."""
-    return tuple(MATCHING_MAPS)
+def matching_methods(access: str | None = "full") -> tuple[str, ...]:
+    """The registered matching methods that need ``access`` to the teacher (``'full'``: its taps;
+    ``'blackbox'``: its logits only; None: all), read when called (entries added at run time count)."""
+    return tuple(k for k, m in MATCHING_MAPS.items() if access is None or m.teacher_access == access)
 
 
 def maps_at_taps(

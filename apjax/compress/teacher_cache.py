@@ -7,7 +7,10 @@ that image's crop and flip of draw e (keyed on ``(seed, i, e)``, :func:`apjax.da
 - ``logits`` (K,): KD's target and the top-1 class k that seeds the maps;
 - for a matching method, at each tap of ``distill.taps``: ``acts/<tap>`` the activations (h, w, C), and
   when its map needs gradients ``grads/<tap>``: d logit_k / d A, spatially summed to (1, 1, C) when the map
-  reads them only through that sum (SWA and SSWA: the channel weights u_c), else whole.
+  reads them only through that sum (SWA and SSWA: the channel weights u_c), else whole;
+- for a black-box method (``distill.teacher_access = 'blackbox'``, :mod:`apjax.compress.blackbox`): ``map``
+  (r, r), the teacher's RISE or occlusion map for class k, from its logits alone (N or P forward passes per
+  image and draw, batched on the device).
 
 The training step of epoch n reads draw n mod E of its images, regenerates the same crop for the student
 and computes the teacher's map from the stored arrays, SSWA's channel mask drawn afresh every step; the
@@ -19,10 +22,12 @@ writes into ``<dir>.incomplete`` chunk by chunk (an interrupted build resumes) a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,6 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from apjax.attribution.maps import channel_weights
+from apjax.compress import blackbox
 from apjax.compress.matching import MATCHING_MAPS, MatchingMap, maps_at_taps
 from apjax.data.augment import draw_augment
 from apjax.data.cache import HostCache
@@ -69,12 +75,18 @@ def _float(x: jax.Array) -> jax.Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def teacher_outputs(teacher, variables, x: jax.Array, spec: MatchingMap | None, taps) -> dict[str, jax.Array]:
+def teacher_outputs(
+    teacher, variables, x: jax.Array, spec: MatchingMap | None, taps, d: Any = None
+) -> dict[str, jax.Array]:
     """What the loss needs from the teacher on images ``x`` (B, H, W, 3), eval mode: ``logits`` (B, K) and,
     with a matching ``spec``, ``acts/<tap>`` (B, h, w, C) and ``grads/<tap>`` (B, 1, 1, C) summed over
-    space when ``spec.pooled_gradients``, else (B, h, w, C)."""
+    space when ``spec.pooled_gradients``, else (B, h, w, C); with a black-box ``spec``, ``map`` (B, r, r)
+    from the teacher's logits alone (:func:`apjax.compress.blackbox.teacher_map`, settings from ``d``, the
+    ``config.distill`` block)."""
     if spec is None:
         return {"logits": teacher.apply(variables, x)}
+    if spec.teacher_access == "blackbox":
+        return blackbox.teacher_map(lambda images: teacher.apply(variables, images), x, d)
     if spec.needs_gradients:
         logits, acts, grads, _ = tap_gradients(teacher, variables, x, top1_seed, taps)
     else:
@@ -97,6 +109,8 @@ def teacher_side(
     logits = jax.lax.stop_gradient(_float(outputs["logits"]))
     if spec is None:
         return logits, {}, {}
+    if spec.teacher_access == "blackbox":  # the stored map, matched by the student's maps of any name
+        return logits, {"map": jax.lax.stop_gradient(_float(outputs["map"]))}, {}
     acts = {t: _float(outputs[f"acts/{t}"]) for t in taps}
     grads = {t: _float(outputs[f"grads/{t}"]) for t in taps} if spec.needs_gradients else None
     masks = spec.teacher_masks(key, acts, d) if spec.teacher_masks else {}
@@ -121,6 +135,13 @@ def _digest(*arrays) -> str:
 def cache_meta(config, teacher_vars, train: HostCache, shapes: Mapping[str, tuple]) -> dict[str, Any]:
     """What a cache is built from: the teacher (a hash of its weights), the data, the draws and settings."""
     d = config.distill
+    spec = MATCHING_MAPS.get(d.method)
+    extra = {}
+    if spec is not None and spec.teacher_access == "blackbox":
+        extra["blackbox"] = {
+            "map": d.blackbox.map,
+            "options": dataclasses.asdict(blackbox.blackbox_options(d)),
+        }
     return {
         "format": FORMAT,
         "teacher": _digest(*jax.tree.leaves(teacher_vars)),
@@ -132,6 +153,7 @@ def cache_meta(config, teacher_vars, train: HostCache, shapes: Mapping[str, tupl
         "precision": config.precision,
         "dtype": d.get("teacher_cache_dtype", "bfloat16"),
         "fields": {k: list(v) for k, v in shapes.items()},
+        **extra,
     }
 
 
@@ -195,7 +217,8 @@ def output_shapes(config, teacher, teacher_vars, spec, taps) -> dict[str, tuple]
     """The per-image shape of each stored output (:func:`teacher_outputs` on one image)."""
     size = config.data.image_size
     x = jax.ShapeDtypeStruct((1, size, size, 3), teacher.dtype)
-    out = jax.eval_shape(lambda v, x: teacher_outputs(teacher, v, x, spec, taps), teacher_vars, x)
+    d = config.distill
+    out = jax.eval_shape(lambda v, x: teacher_outputs(teacher, v, x, spec, taps, d), teacher_vars, x)
     return {k: tuple(v.shape[1:]) for k, v in out.items()}
 
 
@@ -216,12 +239,22 @@ def build_teacher_cache(
     directory = default_cache_dir(config, meta)
     if not _check_meta(directory, meta):
         if jax.process_index() == 0:
+            passes = _forward_passes(config, spec)
             print(
-                f"Building the teacher cache in {directory} ({meta['draws']} draws of {len(train)} images)."
+                f"Building the teacher cache in {directory} ({meta['draws']} draws of {len(train)} images, "
+                f"{passes} teacher forward passes per image and draw)."
             )
         _build(config, teacher, teacher_vars, train, mesh, spec, taps, meta, directory, chunk)
     sync_processes("apjax: teacher cache ready")
     return TeacherCache(directory)
+
+
+def _forward_passes(config, spec) -> int:
+    """The teacher's forward passes per image and draw of a build: one, or a black-box map's N or P."""
+    if spec is not None and spec.teacher_access == "blackbox":
+        size = config.data.image_size
+        return blackbox.forward_passes(config.distill, size, size)
+    return 1
 
 
 def _build(config, teacher, teacher_vars, train, mesh, spec, taps, meta, directory: Path, chunk: int) -> None:
@@ -240,7 +273,8 @@ def _build(config, teacher, teacher_vars, train, mesh, spec, taps, meta, directo
     sync_processes("apjax: teacher cache files")
     fn = jitted_outputs(config, teacher, spec, taps, mesh, out_dtype)
     starts = [(e, s) for e in range(meta["draws"]) for s in range(0, len(train), chunk)]
-    done = json.loads(progress.read_text())["done"]
+    started = json.loads(progress.read_text())
+    done, seconds, t0 = started["done"], float(started.get("seconds", 0.0)), time.perf_counter()
     files = (
         {n: np.load(tmp / f"{n.replace('/', '__')}.npy", mmap_mode="r+") for n in meta["fields"]}
         if main
@@ -258,8 +292,17 @@ def _build(config, teacher, teacher_vars, train, mesh, spec, taps, meta, directo
             for name, a in out.items():
                 files[name][idx, e] = np.asarray(a)[: len(idx)].view(stored)
                 files[name].flush()
-            write_json_atomic(progress, {"done": k + 1})
+            write_json_atomic(progress, {"done": k + 1, "seconds": seconds + time.perf_counter() - t0})
     if main:
+        # What the build cost (all sessions of a resumed build), beside the cache; not part of its identity.
+        passes = _forward_passes(config, spec)
+        seconds += time.perf_counter() - t0
+        write_json_atomic(
+            tmp / "build.json",
+            {"seconds": round(seconds, 2), "images": len(train), "draws": meta["draws"],
+             "teacher_forward_passes_per_image_and_draw": passes,
+             "images_per_second": round(len(train) * meta["draws"] / max(seconds, 1e-9), 2)},
+        )  # fmt: skip
         progress.unlink()
         tmp.rename(directory)
 
@@ -277,7 +320,8 @@ def jitted_outputs(config, teacher, spec, taps, mesh: Mesh, out_dtype):
 
     def fn(variables, images, sizes, extents, index, draw):
         x = draw_augment(key, index, draw, images, sizes, extents, size, teacher.dtype, scale)
-        return jax.tree.map(lambda a: a.astype(out_dtype), teacher_outputs(teacher, variables, x, spec, taps))
+        out = teacher_outputs(teacher, variables, x, spec, taps, config.distill)
+        return jax.tree.map(lambda a: a.astype(out_dtype), out)
 
     split, replicated = batch_sharding(mesh), NamedSharding(mesh, PartitionSpec())
     return jax.jit(fn, in_shardings=(replicated, split, split, split, split, None), out_shardings=split)
