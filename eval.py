@@ -11,7 +11,7 @@ r"""Evaluates trained runs: classification metrics of a checkpoint, and localisa
 
 With --methods (or several --workdir, the teacher first, or --faithfulness), writes the localisation report:
 a JSON of every number, a Markdown table in the layout of the paper's Tables 2 and 8, and one PNG figure per
-method; --faithfulness adds each run's deletion and insertion AUC.
+method; --faithfulness adds each run's deletion and insertion AUC and MoRF AOPC (region perturbation).
 With --evals, runs those evaluators (apjax.evaluators: classification, localization, similarity,
 faithfulness) on the checkpoint, each with the options of the run's config.evals.<name> (or its defaults;
 override them with --config), and writes evals_<checkpoint>.json. The runs' own config.json files are
@@ -62,9 +62,20 @@ flags.DEFINE_list(
 flags.DEFINE_bool(
     "faithfulness",
     False,
-    "Add each run's deletion and insertion AUC (its own maps on its own model) to the localisation report.",
+    "Add each run's deletion and insertion AUC and MoRF AOPC (its own maps on its own model) to the "
+    "localisation report.",
 )
 flags.DEFINE_integer("faithfulness_steps", 32, "Points of a deletion or insertion curve, minus one.")
+flags.DEFINE_integer(
+    "faithfulness_region_size", None, "MoRF's square regions, pixels (default: round(9 * image size / 227))."
+)
+flags.DEFINE_integer("faithfulness_regions", 64, "MoRF's regions perturbed, L (all if there are fewer).")
+flags.DEFINE_enum(
+    "faithfulness_region_baseline",
+    "uniform",
+    ["uniform", "zero", "blur"],
+    "What MoRF's perturbed regions become: uniform noise over each channel's range, zero or the blur.",
+)
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-process runs).")
 flags.mark_flags_as_required(["workdir"])
 
@@ -75,6 +86,13 @@ def _key_values(items: list[str]) -> dict[str, str]:
     if bad:
         raise ConfigError(f"--method_options takes key=value items, not {bad}.")
     return dict(item.split("=", 1) for item in items)
+
+
+def _faithfulness_settings(f) -> dict:
+    """The faithfulness evaluator's options: ``steps`` and the MoRF settings given on the command line."""
+    region = ("region_size", "regions", "region_baseline")
+    given = {k: f[f"faithfulness_{k}"].value for k in region if f[f"faithfulness_{k}"].present}
+    return {"steps": f.faithfulness_steps, **given}
 
 
 def main(argv: list[str]) -> None:
@@ -96,7 +114,7 @@ def main(argv: list[str]) -> None:
                 ig_steps=f.ig_steps,
                 smoothgrad_samples=f.smoothgrad_samples,
                 method_options=_key_values(f.method_options),
-                faithfulness={"steps": f.faithfulness_steps} if f.faithfulness else None,
+                faithfulness=_faithfulness_settings(f) if f.faithfulness else None,
             )
             if jax.process_index() == 0:
                 print(localization_table(results, {m: method_label(m) for m in results["methods"]}))

@@ -205,8 +205,9 @@ def localization_report(
     per method on ``segmentation_val``, :mod:`apjax.evaluators.localization`'s numbers over the run's
     pairs (class in the mask AND predicted) and, for each student, Cos and l2 to the teacher's maps on the
     pairs both predict. ``method_options``: other MethodOptions fields; ``faithfulness``: the faithfulness
-    evaluator's options, to add ``deletion_auc`` and ``insertion_auc`` (None: not scored). Writes the
-    JSON, ``localization.md`` and ``figures/<method>.png`` to ``out_dir`` (or ``<teacher>/localization``).
+    evaluator's options, to add ``deletion_auc``, ``insertion_auc`` and ``morf_aopc`` (None: not scored).
+    Writes the JSON, ``localization.md`` and ``figures/<method>.png`` to ``out_dir`` (or
+    ``<teacher>/localization``).
     """
     check_methods(methods)
     runs = [load_run(w, which) for w in workdirs]
@@ -248,9 +249,10 @@ def localization_report(
 
 
 def _add_faithfulness(results: dict, runs, locs, pairs, settings: dict) -> None:
-    """Each run's mean deletion and insertion AUC per method (:mod:`apjax.evaluators.faithfulness`: its own
-    maps, made with its localisation evaluator's method options, on its own model, over its pairs) into its
-    method entries; ``results['faithfulness']`` records the settings."""
+    """Each run's mean deletion and insertion AUC and MoRF AOPC per method
+    (:mod:`apjax.evaluators.faithfulness`: its own maps, made with its localisation evaluator's method
+    options, on its own model, over its pairs) into its method entries; ``results['faithfulness']`` records
+    the settings."""
     for r, loc, p in zip(runs, locs, pairs, strict=True):
         options = dict(batch_size=loc.batch_size, method_options=dataclasses.asdict(loc.options))
         ev = faithfulness_eval.Evaluator(loc.ctx, loc.methods, **options, **settings)

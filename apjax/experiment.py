@@ -157,7 +157,7 @@ def validate_sweep(config: ml_collections.ConfigDict, stages: list[Stage]) -> No
     check_methods(config.eval_methods, "config.eval_methods")
     check_methods(config.table8_methods, "config.table8_methods")
     method_options(config.get("method_options"))  # a ConfigError names a bad one now, not after training
-    check_faithfulness(faithfulness_settings(config))
+    check_faithfulness(faithfulness_settings(config), config.data.image_size)
     names = [s.name for s in stages]
     for pattern in _patterns(config.only):
         if not fnmatch.filter(names, pattern):

@@ -97,12 +97,13 @@ MASK_LEGEND = (
     "(Attribution Localisation); TopK = share of the top 2% of pixels in the mask (Top-K Intersection); "
     "EnergyPoint = share of the positive map in the mask's bounding box (energy-based pointing game)."
 )
-FAITHFULNESS_KEYS = ("deletion_auc", "insertion_auc")
-FAITHFULNESS_HEADERS = ("deletion AUC", "insertion AUC")
+FAITHFULNESS_KEYS = ("deletion_auc", "insertion_auc", "morf_aopc")
+FAITHFULNESS_HEADERS = ("deletion AUC", "insertion AUC", "MoRF AOPC")
 FAITHFULNESS_LEGEND = (
     "Faithfulness, percent (apjax/evaluators/faithfulness.py): the area under the class probability as "
-    "the pixels are deleted (lower is better) or inserted (higher is better) in the map's order, each "
-    "run's own maps on its own model."
+    "the pixels are deleted (lower is better) or inserted (higher is better) in the map's order, and the "
+    "MoRF AOPC, the mean drop of that probability as the map's highest-scoring square regions are "
+    "replaced one by one (region perturbation; higher is better), each run's own maps on its own model."
 )
 
 

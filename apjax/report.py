@@ -312,7 +312,7 @@ def _faithfulness_tables(ev: dict | None, stages) -> list[str]:
             rows.append([base, method_name(s.method) if s.method else "-", str(m["n"]), *cells])
     if not rows:
         return []
-    title = "Faithfulness: deletion and insertion AUC of each run's own maps"
+    title = "Faithfulness: deletion and insertion AUC and MoRF AOPC of each run's own maps"
     title = seeds_title(title, [int(r[2]) for r in rows])
     header = ["run", "method", "n", *(h for h, _ in FAITHFULNESS_COLUMNS)]
     lines = [f"## {title}", "", *_table(header, rows), ""]
@@ -324,8 +324,11 @@ def _faithfulness_tables(ev: dict | None, stages) -> list[str]:
     lines += [
         "Deletion removes the pixels in the map's order (highest first) and insertion adds them, the class's "
         "probability read at each step (apjax/evaluators/faithfulness.py); the AUC is the area under that "
-        "curve over the fraction of pixels, in percent. Lower deletion and higher insertion: the map ranks "
-        "first what the run itself relies on. Each run is scored on its own model, over its own pairs.",
+        "curve over the fraction of pixels, in percent. MoRF AOPC (region perturbation, Samek et al. 2017) "
+        "replaces the map's highest-scoring square regions one by one (with uniform noise by default) and "
+        "averages the probability's drop from the image's, in percent. Lower deletion, higher insertion and "
+        "higher AOPC: the map ranks first what the run itself relies on. Each run is scored on its own "
+        "model, over its own pairs.",
         "",
     ]
     return lines

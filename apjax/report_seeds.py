@@ -14,7 +14,7 @@ from apjax.stages import Stage
 from apjax.stats import Interval, finite, mean_interval, paired_difference
 
 PERCENT = ("mAP", "mAP_devkit", "per_image_AP", "F1", "F1_logit0.5", "AUC", "Point")
-PERCENT += ("deletion_auc", "insertion_auc")
+PERCENT += ("deletion_auc", "insertion_auc", "morf_aopc")
 # The numbers a row aggregates over seeds (the rest, step and checkpoint, describe one run).
 NUMBERS = (
     "mAP",
@@ -29,6 +29,7 @@ NUMBERS = (
     "map_cos",
     "deletion_auc",
     "insertion_auc",
+    "morf_aopc",
     "params_nonzero",
     "params_conv_bn",
     "size_bytes",
@@ -44,7 +45,11 @@ PAIRED_COLUMNS = (
     ("map cos (val)", "map_cos"),
 )
 # The faithfulness tables' columns (apjax.evaluators.faithfulness: each run's own maps on its own model).
-FAITHFULNESS_COLUMNS = (("deletion AUC", "deletion_auc"), ("insertion AUC", "insertion_auc"))
+FAITHFULNESS_COLUMNS = (
+    ("deletion AUC", "deletion_auc"),
+    ("insertion AUC", "insertion_auc"),
+    ("MoRF AOPC", "morf_aopc"),
+)
 INTERVAL_NOTE = (
     "Seeds: each cell is the mean over the row's n seeds (column n) ± the half-width of its two-sided 95% "
     "Student t interval, t_{0.975, n-1} * s / sqrt(n) with the sample standard deviation s; a row of one "
@@ -98,7 +103,7 @@ def best_map_cos(workdir: str | None) -> float | None:
 def run_metrics(evaluation: dict | None, name: str, method: str = "gradcam") -> dict[str, Any]:
     """One run's numbers from a localisation report: the val classification metrics (``mAP``,
     ``mAP_devkit``, ``per_image_AP``, ``F1``, ``F1_logit0.5``), ``AUC``, ``Point``, ``Cos``, ``l2``,
-    ``deletion_auc`` and ``insertion_auc`` (when the evaluation scored faithfulness), the
+    ``deletion_auc``, ``insertion_auc`` and ``morf_aopc`` (when the evaluation scored faithfulness), the
     parameter counts ``params_nonzero`` and ``params_conv_bn``, ``size_bytes``, ``step`` and
     ``checkpoint`` (what chose it). Keys a report written by an older apjax lacks are None."""
     if not evaluation or name not in evaluation["runs"]:
@@ -107,7 +112,9 @@ def run_metrics(evaluation: dict | None, name: str, method: str = "gradcam") -> 
     m = r["methods"].get(method, {})
     val = r["val"]
     out = {k: val.get(k) for k in ("mAP", "mAP_devkit", "per_image_AP", "F1", "F1_logit0.5")}
-    out.update({k: m.get(k) for k in ("AUC", "Point", "Cos", "l2", "deletion_auc", "insertion_auc")})
+    out.update(
+        {k: m.get(k) for k in ("AUC", "Point", "Cos", "l2", "deletion_auc", "insertion_auc", "morf_aopc")}
+    )
     out["map_cos"] = best_map_cos(r.get("workdir"))
     out["params_nonzero"] = r.get("params_nonzero", r.get("params"))
     out["params_conv_bn"] = r.get("params_conv_bn")

@@ -200,7 +200,7 @@ def _summary(c) -> dict:
         d = c.distill
         out["distill"] = {
             k: (list(v) if isinstance(v, tuple) else v)
-            for k, v in dict(d).items()
+            for k, v in d.to_dict().items()
             if k not in ("teacher_workdir", "teacher_checkpoint")
         }
     return out

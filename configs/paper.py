@@ -108,11 +108,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The attribution methods' settings (apjax.attribution.methods.MethodOptions: RISE's masks, occlusion's
     # patch, ...), e.g. --config.method_options.rise_masks=6000 (RISE's own N at 224 px).
     c.method_options = method_options_config()
-    # Deletion and insertion AUC of each run's own maps on its own model in the eval stage
+    # Deletion and insertion AUC and MoRF AOPC (region perturbation; region_size None: 9 px at 227 px
+    # scaled to the input) of each run's own maps on its own model in the eval stage
     # (apjax/evaluators/faithfulness.py; the report's Faithfulness table); on in the science variant.
     c.faithfulness = ml_collections.ConfigDict(
         dict(enabled=False, steps=32, deletion_baseline="zero", insertion_baseline="blur",
-             blur_sigma=placeholder(float))
+             blur_sigma=placeholder(float), region_size=placeholder(int), regions=64,
+             region_baseline="uniform")
     )  # fmt: skip
     c.eval_batch_size = 32
     c.figure_images = 6

@@ -219,7 +219,7 @@ def test_eval_py_writes_rise_and_occlusion_maps_of_a_run(teacher_dir, tmp_path):
     assert bad.returncode != 0 and "rise_masks=50 does not split into chunks of rise_chunk=20" in bad.stderr
     assert not out.exists()
     done = eval_py("--method_options=rise_masks=50,rise_chunk=25,occlusion_size=8", "--faithfulness",
-                   "--faithfulness_steps=2")  # fmt: skip
+                   "--faithfulness_steps=2", "--faithfulness_regions=2")  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     saved = json.loads((out / "localization.json").read_text())
     assert saved["method_options"]["rise_masks"] == 50 and saved["method_options"]["occlusion_size"] == 8
@@ -231,6 +231,7 @@ def test_eval_py_writes_rise_and_occlusion_maps_of_a_run(teacher_dir, tmp_path):
         )
     assert "RISE" in done.stdout and "Occlusion" in done.stdout
     # --faithfulness: each method's deletion and insertion AUC, in the JSON and the Markdown table.
-    assert saved["faithfulness"] == {"steps": 2}
+    assert saved["faithfulness"] == {"steps": 2, "regions": 2}
     assert all(0.0 <= methods[m][k] <= 1.0 for m in methods for k in ("deletion_auc", "insertion_auc"))
+    assert all(-1.0 <= methods[m]["morf_aopc"] <= 1.0 for m in methods)
     assert "| deletion AUC | insertion AUC |" in (out / "localization.md").read_text()

@@ -59,7 +59,7 @@ def test_localization_report_of_a_teacher_and_an_identical_student(teacher_dir, 
     monkeypatch.setattr(faithfulness, "Evaluator", Recording)
     results = localization_report(
         [teacher_dir, twin], methods=("gradcam", "gradient"), out_dir=out, batch_size=8, figure_images=2,
-        faithfulness={"steps": 4}, ig_steps=5, method_options={"rise_masks": 100},
+        faithfulness={"steps": 4, "regions": 3}, ig_steps=5, method_options={"rise_masks": 100},
     )  # fmt: skip
     assert len(built) == 2 and all(o["ig_steps"] == 5 and o["rise_masks"] == 100 for o in built)
     saved = json.loads((out / "localization.json").read_text())
@@ -87,8 +87,8 @@ def test_localization_report_of_a_teacher_and_an_identical_student(teacher_dir, 
     )
     assert table_cell(md, row, "pairs with the teacher (Cos, l2)") == str(teacher["pairs"])
     # Faithfulness: each run's own maps on its own model; the same weights give the same curves.
-    assert saved["faithfulness"] == {"steps": 4}
-    for key in ("deletion_auc", "insertion_auc"):
+    assert saved["faithfulness"] == {"steps": 4, "regions": 3}
+    for key in ("deletion_auc", "insertion_auc", "morf_aopc"):
         value = student["methods"]["gradcam"][key]
         assert 0.0 <= value <= 1.0 and value == teacher["methods"]["gradcam"][key]
     masks_table = md[md.index("Against the class's mask") :]  # the second table: the mask metrics

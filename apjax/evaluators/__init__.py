@@ -8,8 +8,8 @@ returns a dict of named numbers:
 - ``classification``: mAP, devkit AP, per-image AP, F1, BCE of a split;
 - ``localization``: per attribution method, AUC and pointing over the run's pairs;
 - ``similarity``: per attribution method, Cos and l2 of the run's maps to a teacher's;
-- ``faithfulness``: per attribution method, the deletion and insertion AUC of the run's own maps on its
-  own model.
+- ``faithfulness``: per attribution method, the deletion and insertion AUC and the MoRF region-perturbation
+  AOPC of the run's own maps on its own model.
 
 A training config lists extra evaluators under ``config.evals`` (name -> ConfigDict of the evaluator's
 options; ``type`` picks the evaluator when the name is not one, as in big_vision); they run at every

@@ -1,5 +1,7 @@
 """Faithfulness evaluator: does a run's map say what the run itself relies on? Deletion and insertion
-(Petsiuk, Das and Saenko, RISE, BMVC 2018), each run's OWN maps scored on its OWN model.
+(Petsiuk, Das and Saenko, RISE, BMVC 2018) and region perturbation in the most-relevant-first order (MoRF
+AOPC; Samek, Binder, Montavon, Lapuschkin and Mueller, IEEE TNNLS 2017), each run's OWN maps scored on its
+OWN model.
 
 For each pair (image, class k) of the localisation evaluator (class in the mask and predicted), the map
 at the input size orders the pixels, highest first (ties in row-major order). With ``steps`` = S and
@@ -17,6 +19,21 @@ Baselines, in the normalised input the model reads: ``zero`` (0 there is the dat
 code deletes to black, 0 in [0, 1] pixels) and ``blur`` (the image blurred with a Gaussian of
 ``blur_sigma`` pixels, default 5 / 224 of the side: RISE's code's sigma 5 at 224 px, normalised to sum 1,
 edges repeated). Defaults: deletion to ``zero``, insertion from ``blur``, as in RISE's code.
+
+Region perturbation (MoRF): the image is cut into a grid of square regions of ``region_size`` = r pixels
+from its top-left corner, ``ceil(H / r) x ceil(W / r)`` of them, indexed in row-major order; where r does
+not divide the side, the last row / column of regions is narrower (the rest of the side). A region's score
+is the sum of the map over its pixels; the regions are ordered by score, highest first (ties by region
+index). Point k = 0..L of the curve has the first k regions replaced by the region baseline (cumulatively;
+k = 0 is the image), with L = ``regions`` (or every region if there are fewer), and its value is the same
+class probability. The pair's AOPC is ``1 / (L + 1) sum_{k=0..L} (p_0 - p_k)`` (its k = 0 term is 0).
+Unlike deletion's AUC, HIGHER is more faithful: the probability falls early when the map ranks first the
+regions the model relies on. Region baselines: ``uniform`` (default, the paper's: each replaced pixel and
+channel drawn uniformly from ``[min, max]`` of that channel over the image's normalised pixels; one noise
+image per pair, drawn from ``fold_in(key(NOISE_SEED), example id)`` with the pair's example id
+``image index * K + class``, so a pair's value does not depend on its batch, position or device), ``zero``
+and ``blur`` (as above). Default ``region_size``: ``round(9 * image_size / 227)``, at least 1 (the paper's
+9 x 9 regions at 227 px).
 """
 
 from __future__ import annotations
@@ -37,7 +54,10 @@ from apjax.evaluators.localization import Evaluator as LocalizationEvaluator
 from apjax.evaluators.pairs import PairMaps
 
 BASELINES = ("zero", "blur")
+REGION_BASELINES = ("uniform", "zero", "blur")
 CURVES = ("deletion", "insertion")
+KEYS = ("deletion_auc", "insertion_auc", "morf_aopc")  # the per-pair scores and the means' names
+NOISE_SEED = 0  # the uniform region baseline's key, folded with each pair's example id
 
 
 def gaussian_blur(x: jax.Array, sigma: float) -> jax.Array:
@@ -109,23 +129,103 @@ def curve_auc(curve: jax.Array) -> jax.Array:
     return (jnp.sum(curve, axis=1) - 0.5 * (curve[:, 0] + curve[:, -1])) / s
 
 
-def check_faithfulness(settings: Mapping[str, Any] | None) -> None:
-    """``ConfigError`` (one sentence) for a baseline that is not one of :data:`BASELINES` or steps < 1."""
+def default_region_size(image_size: int) -> int:
+    """The paper's 9 x 9 regions at 227 px scaled to ``image_size``: ``round(9 * image_size / 227)``, >= 1."""
+    return max(1, round(9 * image_size / 227))
+
+
+def region_ranks(maps: jax.Array, size: int) -> jax.Array:
+    """Int32 (B, H, W): the place of each pixel's region in the MoRF order of its map, 0 first.
+
+    Regions: a grid of ``size`` x ``size`` squares from the top-left corner (the last row / column
+    narrower where ``size`` does not divide the side), scored by the sum of the map over them, highest
+    first, ties by region index in row-major order."""
+    b, h, w = maps.shape
+    nh, nw = -(-h // size), -(-w // size)
+    padded = jnp.pad(maps, ((0, 0), (0, nh * size - h), (0, nw * size - w)))  # zeros add nothing
+    sums = padded.reshape(b, nh, size, nw, size).sum(axis=(2, 4)).reshape(b, nh * nw)
+    order = jnp.argsort(-sums, axis=1, stable=True)
+    ranks = jnp.zeros_like(order).at[jnp.arange(b)[:, None], order].set(jnp.arange(nh * nw)[None])
+    ranks = ranks.reshape(b, nh, nw)
+    return jnp.repeat(jnp.repeat(ranks, size, axis=1), size, axis=2)[:, :h, :w].astype(jnp.int32)
+
+
+def uniform_noise(x: jax.Array, ids: jax.Array, seed: int = NOISE_SEED) -> jax.Array:
+    """The ``uniform`` region baseline of the images ``x`` (B, H, W, C): per image and channel, values
+    uniform in ``[min, max]`` of that channel over the image, drawn from ``fold_in(key(seed), ids[b])``
+    (int (B,), the pairs' example ids), so an image's noise depends on its id alone."""
+    b, c = x.shape[0], x.shape[-1]
+    flat = x.reshape(b, -1, c)
+    lo, hi = flat.min(axis=1)[:, None, None], flat.max(axis=1)[:, None, None]
+    key = jax.random.key(seed)
+    draw = lambda i: jax.random.uniform(jax.random.fold_in(key, i), x.shape[1:], x.dtype)  # noqa: E731
+    u = jax.vmap(draw)(jnp.asarray(ids, jnp.int32))
+    return jnp.clip(lo + u * (hi - lo), lo, hi)
+
+
+def region_curve(
+    prob_fn: Callable[[jax.Array], jax.Array],
+    x: jax.Array,
+    maps: jax.Array,
+    classes: jax.Array,
+    size: int,
+    regions: int,
+    baseline: jax.Array,
+) -> jax.Array:
+    """The MoRF region-perturbation curve, float32 (B, L + 1): point k has the first k regions of the
+    map's order (:func:`region_ranks`) replaced by ``baseline`` (B, H, W, 3); L = ``regions`` or every
+    region if there are fewer. ``prob_fn``, ``x``, ``maps`` and ``classes`` as in :func:`curves`."""
+    h, w = maps.shape[1:]
+    last = min(regions, -(-h // size) * -(-w // size))
+    ranks = region_ranks(maps, size)[..., None]
+
+    def point(_, k):
+        images = jnp.where(ranks < k, baseline, x)
+        p = jnp.take_along_axis(prob_fn(images), classes[:, None], axis=1)[:, 0]
+        return None, p.astype(jnp.float32)
+
+    _, curve = jax.lax.scan(point, None, jnp.arange(last + 1, dtype=jnp.int32))
+    return curve.T
+
+
+def aopc(curve: jax.Array) -> jax.Array:
+    """The area over the perturbation curve (B, L + 1): ``mean_k (p_0 - p_k)``, (B,)."""
+    return jnp.mean(curve[:, :1] - curve, axis=1)
+
+
+def check_faithfulness(settings: Mapping[str, Any] | None, image_size: int | None = None) -> None:
+    """``ConfigError`` (one sentence) for a baseline that is not one of :data:`BASELINES` (the region
+    baseline: :data:`REGION_BASELINES`), steps < 1, regions < 1, or a region_size below 1 or (given the
+    input side ``image_size``) above it."""
     settings = dict(settings or {})
     for name in ("deletion_baseline", "insertion_baseline"):
         if name in settings and settings[name] not in BASELINES:
             raise ConfigError(f"faithfulness {name}={settings[name]!r}; choose one of {list(BASELINES)}.")
-    if int(settings.get("steps", 1)) < 1:
-        raise ConfigError(f"faithfulness steps={settings['steps']} must be at least 1.")
+    region_baseline = settings.get("region_baseline", "uniform")
+    if region_baseline not in REGION_BASELINES:
+        raise ConfigError(
+            f"faithfulness region_baseline={region_baseline!r}; choose one of {list(REGION_BASELINES)}."
+        )
+    for name in ("steps", "regions"):
+        if int(settings.get(name, 1)) < 1:
+            raise ConfigError(f"faithfulness {name}={settings[name]} must be at least 1.")
+    size = settings.get("region_size")
+    if size is not None and int(size) < 1:
+        raise ConfigError(f"faithfulness region_size={size} must be at least 1 (pixels).")
+    if size is not None and image_size is not None and int(size) > image_size:
+        raise ConfigError(f"faithfulness region_size={size} exceeds the input side of {image_size} pixels.")
 
 
 class Evaluator:
-    """``run(variables)`` -> ``{'<method>/deletion_auc', '<method>/insertion_auc', '<method>/pairs'}``:
-    means over the run's pairs (those of :class:`apjax.evaluators.localization.Evaluator` on ``split``).
+    """``run(variables)`` -> ``{'<method>/deletion_auc', '<method>/insertion_auc', '<method>/morf_aopc',
+    '<method>/pairs'}``: means over the run's pairs (those of
+    :class:`apjax.evaluators.localization.Evaluator` on ``split``).
 
     Config: ``methods``, ``split``, ``batch_size`` (pairs per global batch), ``steps`` (points of a curve
     minus one), ``deletion_baseline`` and ``insertion_baseline`` (``zero`` or ``blur``), ``blur_sigma``
-    (pixels; None: 5 / 224 of the input side), ``method_options`` (the attribution methods' settings).
+    (pixels; None: 5 / 224 of the input side), ``region_size`` (pixels; None:
+    :func:`default_region_size`), ``regions`` (L, the regions perturbed), ``region_baseline`` (``uniform``,
+    ``zero`` or ``blur``), ``method_options`` (the attribution methods' settings).
     """
 
     def __init__(
@@ -138,21 +238,30 @@ class Evaluator:
         deletion_baseline: str = "zero",
         insertion_baseline: str = "blur",
         blur_sigma: float | None = None,
+        region_size: int | None = None,
+        regions: int = 64,
+        region_baseline: str = "uniform",
         method_options: Mapping[str, Any] | None = None,
     ):
         check_methods(methods)
         baselines = dict(deletion_baseline=deletion_baseline, insertion_baseline=insertion_baseline)
-        check_faithfulness(dict(steps=steps, **baselines))
+        region = dict(region_size=region_size, regions=regions, region_baseline=region_baseline)
+        check_faithfulness(dict(steps=steps, **baselines, **region), ctx.image_size)
         self.ctx, self.methods, self.split, self.batch_size = ctx, tuple(methods), split, batch_size
         self.options = method_options_of(method_options)
         sigma = blur_sigma or 5.0 * ctx.image_size / 224
+        size = int(region_size or default_region_size(ctx.image_size))
         model = ctx.model
 
-        def scores(variables, x, maps, masks, classes):
+        def scores(variables, x, maps, masks, classes, ids):
             prob_fn = lambda images: jax.nn.sigmoid(model.apply(variables, images).astype(jnp.float32))  # noqa: E731
             c = curves(prob_fn, x, maps, classes, steps, baseline_of(x, deletion_baseline, sigma),
                        baseline_of(x, insertion_baseline, sigma))  # fmt: skip
-            return {f"{k}_auc": curve_auc(c[k]) for k in CURVES}
+            out = {f"{k}_auc": curve_auc(c[k]) for k in CURVES}
+            uniform = region_baseline == "uniform"
+            fill = uniform_noise(x, ids) if uniform else baseline_of(x, region_baseline, sigma)
+            out["morf_aopc"] = aopc(region_curve(prob_fn, x, maps, classes, size, int(regions), fill))
+            return out
 
         self._scores = scores
         self._pairs = LocalizationEvaluator(ctx, methods, split, batch_size=batch_size)
@@ -168,15 +277,13 @@ class Evaluator:
         return self._engines[method]
 
     def pair_scores(self, method: str, variables: Any, pairs: np.ndarray) -> dict[str, np.ndarray]:
-        """``deletion_auc`` and ``insertion_auc`` of each pair, float64 (P,)."""
+        """``deletion_auc``, ``insertion_auc`` and ``morf_aopc`` (:data:`KEYS`) of each pair, float64 (P,)."""
         cache, masks = self.ctx.cache(self.split), self.ctx.masks(self.split)
         scores, _ = self.engine(method).run(variables, cache, masks, pairs)
-        return {
-            k: np.asarray(scores.get(k, np.zeros(0)), np.float64) for k in ("deletion_auc", "insertion_auc")
-        }
+        return {k: np.asarray(scores.get(k, np.zeros(0)), np.float64) for k in KEYS}
 
     def summary(self, method: str, variables: Any, pairs: np.ndarray) -> dict[str, float]:
-        """``deletion_auc`` and ``insertion_auc``: their means over ``pairs`` (NaN without a pair)."""
+        """:data:`KEYS`: their means over ``pairs`` (NaN without a pair)."""
         scores = self.pair_scores(method, variables, pairs)
         return {k: float(v.mean()) if len(v) else float("nan") for k, v in scores.items()}
 

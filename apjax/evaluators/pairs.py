@@ -135,7 +135,7 @@ def _host(x: jax.Array) -> np.ndarray:
     return np.asarray(x)
 
 
-def _localization_scores(variables, x, maps, masks, classes, tolerance: float) -> dict[str, jax.Array]:
+def _localization_scores(variables, x, maps, masks, classes, ids, tolerance: float) -> dict[str, jax.Array]:
     return pair_scores_jax(maps, masks, classes, tolerance)
 
 
@@ -150,9 +150,10 @@ class PairMaps:
       tolerance: the pointing game's, in pixels.
       batch_size: pairs per global batch, rounded up to a multiple of the mesh's devices.
       scores: what is computed of each pair beside its map, ``(variables, x (B, S, S, 3), maps (B, S, S),
-        masks (B, S, S), classes (B,)) -> {name: (B,)}`` on the device, and ``finish`` turns the
-        concatenated host arrays into :meth:`run`'s scores. Default: the localisation scores
-        (:func:`pair_scores_jax`, :func:`finish_scores`).
+        masks (B, S, S), classes (B,), ids (B,)) -> {name: (B,)}`` on the device (``ids``: the pairs'
+        example ids, those ``fn`` gets), and ``finish`` turns the concatenated host arrays into
+        :meth:`run`'s scores. Default: the localisation scores (:func:`pair_scores_jax`,
+        :func:`finish_scores`).
     """
 
     def __init__(
@@ -178,7 +179,7 @@ class PairMaps:
         def step(variables, images, extents, classes, ids, masks):
             x = eval_preprocess(images, extents, out_size=image_size)
             maps = upsample_map(fn(variables, x, classes, ids).astype(jnp.float32), image_size)
-            return scores(variables, x, maps, masks, classes), maps
+            return scores(variables, x, maps, masks, classes, ids), maps
 
         replicated = NamedSharding(mesh, PartitionSpec())
         self._step = jax.jit(
