@@ -304,22 +304,26 @@ def _faithfulness_tables(ev: dict | None, stages) -> list[str]:
     """Faithfulness: each run's deletion and insertion AUC (its own Grad-CAM maps on its own model) over its
     seeds, and their paired differences against KD / naive on the same seed; none without the numbers."""
     groups = by_base(stages)
-    rows = []
-    for base, (s, *_) in groups.items():
-        m = _metrics(ev, groups, base)
-        if m and m.get("deletion_auc") is not None:
-            cells = [fmt(k, m[k]) for _, k in FAITHFULNESS_COLUMNS]
-            rows.append([base, method_name(s.method) if s.method else "-", str(m["n"]), *cells])
-    if not rows:
+    found = {base: _metrics(ev, groups, base) for base in groups}
+    found = {base: m for base, m in found.items() if m and m.get("deletion_auc") is not None}
+    if not found:
         return []
-    title = "Faithfulness: deletion and insertion AUC and MoRF AOPC of each run's own maps"
+    # The columns some run has (an evaluation written before MoRF was added has no AOPC).
+    columns = [(h, k) for h, k in FAITHFULNESS_COLUMNS if any(m.get(k) is not None for m in found.values())]
+    rows = []
+    for base, m in found.items():
+        s = groups[base][0]
+        cells = [fmt(k, m[k]) for _, k in columns]
+        rows.append([base, method_name(s.method) if s.method else "-", str(m["n"]), *cells])
+    aopc = " and MoRF AOPC" if any(k == "morf_aopc" for _, k in columns) else ""
+    title = f"Faithfulness: deletion and insertion AUC{aopc} of each run's own maps"
     title = seeds_title(title, [int(r[2]) for r in rows])
-    header = ["run", "method", "n", *(h for h, _ in FAITHFULNESS_COLUMNS)]
+    header = ["run", "method", "n", *(h for h, _ in columns)]
     lines = [f"## {title}", "", *_table(header, rows), ""]
     kd, other = comparisons(stages)
-    paired = paired_rows(ev, kd + other, FAITHFULNESS_COLUMNS)
+    paired = paired_rows(ev, kd + other, columns)
     if paired:
-        header = ["compression", "difference", "n", *(h for h, _ in FAITHFULNESS_COLUMNS)]
+        header = ["compression", "difference", "n", *(h for h, _ in columns)]
         lines += ["Paired differences (same seed):", "", *_table(header, paired), ""]
     lines += [
         "Deletion removes the pixels in the map's order (highest first) and insertion adds them, the class's "

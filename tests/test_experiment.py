@@ -394,6 +394,17 @@ def test_faithfulness_table_shows_each_runs_aucs_with_intervals_and_paired_diffe
     assert cell(section, ["teacher", "-"], "insertion AUC") == "70.00"
     mean, half = interval(np.subtract(insertion["sswa"], insertion["kd"]))
     assert cell(section, ["x2", "SSWA - KD"], "insertion AUC") == f"{mean:+.2f} ± {half:.2f}"
+    # An evaluation without MoRF (written before it existed) has no AOPC column; one with it shows it.
+    assert "MoRF AOPC |" not in section and "AUC of each run's own maps" in section
+    aopc = {"kd": [0.05, 0.07, 0.06], "sswa": [0.09, 0.08, 0.12]}
+    for k, suffix in enumerate(("", "@s1", "@s2")):
+        for m in ("kd", "sswa"):
+            runs[f"kd_x2_{m}{suffix}"]["methods"]["gradcam"]["morf_aopc"] = aopc[m][k]
+    md = "\n".join(report.tables(c, stages, {"eval": ev, "eval_methods": None}, voc=False))
+    section = md[md.index("## Faithfulness") :]
+    mean, half = interval(np.subtract(aopc["sswa"], aopc["kd"]))
+    assert cell(section, ["x2", "SSWA - KD"], "MoRF AOPC") == f"{mean:+.2f} ± {half:.2f}"
+    assert cell(section, ["teacher", "-"], "MoRF AOPC") == "-"
     # Without the numbers (faithfulness off, as in the demo) there is no such table.
     for run in runs.values():
         for key in ("deletion_auc", "insertion_auc"):
