@@ -206,8 +206,7 @@ def localization_report(
     pairs (class in the mask AND predicted) and, for each student, Cos and l2 to the teacher's maps on the
     pairs both predict. ``method_options``: other MethodOptions fields; ``faithfulness``: the faithfulness
     evaluator's options, to add ``deletion_auc``, ``insertion_auc`` and ``morf_aopc`` (None: not scored).
-    Writes the JSON, ``localization.md`` and ``figures/<method>.png`` to ``out_dir`` (or
-    ``<teacher>/localization``).
+    Writes the JSON, ``localization.md`` and ``figures/<method>.png`` to ``out_dir`` (default: the teacher's).
     """
     check_methods(methods)
     runs = [load_run(w, which) for w in workdirs]

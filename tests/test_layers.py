@@ -2,7 +2,8 @@
 two modules import each other (directly or round a circle). Imports inside functions count too.
 
 The floors, bottom up, are the sub-packages drawn in docs/extending.md's layout: models, data, attribution,
-trainer, compress, evaluators, tasks. The top-level modules (experiment, report, ...) sit above them all.
+trainer, compress, evaluators, tasks, deploy. The top-level modules (experiment, report, ...) sit above
+them all.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-FLOORS = ("models", "data", "attribution", "trainer", "compress", "evaluators", "tasks")
+FLOORS = ("models", "data", "attribution", "trainer", "compress", "evaluators", "tasks", "deploy")
 PACKAGE = Path(__file__).resolve().parent.parent / "apjax"
 
 

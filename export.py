@@ -1,0 +1,60 @@
+r"""Exports a finished run's checkpoint for deployment (apjax.deploy): two jax.export functions and a meta.
+
+  python export.py --workdir workdirs/demo/teacher --out exports/teacher            # the best checkpoint
+  python export.py --workdir workdirs/paper/prune_s_sswa --out exports/prune_s_sswa --checkpoint latest
+  python export.py --workdir workdirs/demo/kd_x2_sswa --out exports/kd_x2_sswa --overwrite
+
+Writes predict.stablehlo (uint8 images -> logits), explain.stablehlo (-> logits and Grad-CAM maps),
+weights.npz and meta.json into --out, which must not exist unless --overwrite (which replaces only an
+earlier export). Load it with ``apjax.deploy.load(DIR)``, or try it with
+``python -m apjax.deploy.predict DIR IMAGE...`` (docs/deploy.md).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+from apjax import cli
+from apjax.deploy.export import export_run
+from apjax.trainer.checkpoints import CHECKPOINTS
+
+flags.DEFINE_string("workdir", None, "A finished training run's directory (it holds config.json).")
+flags.DEFINE_string("out", None, "Folder to write the export into (must not exist, unless --overwrite).")
+flags.DEFINE_enum("checkpoint", "best", list(CHECKPOINTS), "Which checkpoint to export.")
+flags.DEFINE_bool("overwrite", False, "Replace an earlier export in --out.")
+flags.mark_flags_as_required(["workdir", "out"])
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, a mistake said in one line (``error: ...``, exit status 1)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"error: {e}\nPass --helpshort or --helpfull to see help on flags.")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    logging.set_verbosity(logging.ERROR)  # Orbax narrates every step at INFO
+    f = flags.FLAGS
+    try:
+        meta = export_run(f.workdir, f.out, checkpoint=f.checkpoint, overwrite=f.overwrite)
+    except Exception as e:  # a user's error (or a full disk) ends in one sentence
+        if os.environ.get("APJAX_DEBUG") or not cli.is_user_error(e):
+            raise
+        sys.exit(f"error: {cli.error_message(e, f.out)}\n(set APJAX_DEBUG=1 to see the traceback)")
+    source = meta["source"]
+    print(
+        f"exported {source['workdir']} ({source['checkpoint']} checkpoint, step {source['step']}) to {f.out}:"
+    )
+    for name, size in meta["files"].items():
+        print(f"  {name}  {size:,} bytes")
+    print(f"  weights: {meta['weights']['count']:,} float32 values, {meta['weights']['bytes']:,} bytes")
+    print(f"try it: python -m apjax.deploy.predict {f.out} IMAGE...")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)
