@@ -28,9 +28,11 @@ from apjax.attribution.maps import upsample_map
 from apjax.attribution.methods import attribution_fn
 from apjax.data.augment import MEAN, STD, crop_resize, eval_preprocess
 from apjax.deploy import load
-from apjax.deploy.export import export_run
+from apjax.deploy.export import _weights_file, export_run, weights_meta
 from apjax.deploy.load import EXPLAIN_FILE, FORMAT_VERSION, META_FILE, PREDICT_FILE, WEIGHTS_FILE
 from apjax.deploy.predict import resize_image
+from apjax.deploy.storage import pack_int4, sparse_bytes, sparse_decode, sparse_encode, unpack_int4
+from apjax.deploy.weights import quantize_kernel, stored_weights
 from apjax.errors import ConfigError, MissingFileError
 from apjax.evaluators.context import load_run
 
@@ -164,6 +166,7 @@ def test_load_runs_in_a_process_that_cannot_import_the_trainer(exported, tmp_pat
         "apjax",
         "apjax.deploy",
         "apjax.deploy.load",
+        "apjax.deploy.storage",
         "apjax.errors",
     ]
     child = np.load(tmp_path / "out.npz")
@@ -174,24 +177,121 @@ def test_load_runs_in_a_process_that_cannot_import_the_trainer(exported, tmp_pat
     _close(child["maps"], maps)
 
 
-def test_a_quantized_run_exports_its_quantized_forward(teacher_dir, tmp_path):
-    """A quantize run's workdir (here the teacher's checkpoints under an int8 quantize config: the same
-    variables) exports the qwix-quantized forward pass that eval.py evaluates."""
-    workdir = tmp_path / "quant_int8"
+@pytest.mark.parametrize("bits", ["int8", "int4w"])
+def test_quantized_runs_export_their_forward_from_packed_weights(bits, exported, teacher_dir, tmp_path):
+    """A quantize run's workdir (here the teacher's checkpoints under a quantize config: the same
+    variables) exports the qwix-quantized forward pass that eval.py evaluates, from conv kernels stored as
+    int8 or packed int4 values and per-channel scales: a weight file smaller than the float export's."""
+    workdir = tmp_path / f"quant_{bits}"
     shutil.copytree(teacher_dir, workdir, ignore=shutil.ignore_patterns("tensorboard"))
     config = json.loads((workdir / "config.json").read_text())
-    config.update(task="quantize", quant={"bits": "int8", "source_workdir": ""},
+    config.update(task="quantize", quant={"bits": bits, "source_workdir": ""},
                   distill={"method": "naive", "teacher_workdir": str(teacher_dir)})  # fmt: skip
     (workdir / "config.json").write_text(json.dumps(config))
     meta = export_run(workdir, tmp_path / "export")
     assert meta["compression"]["task"] == "quantize" and meta["compression"]["method"] == "naive"
-    assert meta["compression"]["quantization"]["bits"] == "int8"
+    assert meta["compression"]["quantization"]["bits"] == bits
+    storage = {"int8": "int8", "int4w": "int4_packed"}[bits]
+    weights = meta["weights"]
+    assert weights["storage"] == storage and weights["file_bytes"] == meta["files"][WEIGHTS_FILE]
+    convs = [a for a in weights["arrays"] if a["storage"] == storage]
+    assert len(convs) == 13 and all(len(a["shape"]) == 4 for a in convs)
+    for a in convs:  # the values at 1 byte or half a byte each, and one float32 scale per output channel
+        n, c_out = int(np.prod(a["shape"])), a["shape"][-1]
+        assert a["stored_bytes"] == (n if bits == "int8" else (n + 1) // 2) + 4 * c_out
+    float_meta = json.loads((exported / META_FILE).read_text())
+    assert weights["stored_bytes"] < weights["bytes"] == float_meta["weights"]["bytes"]
+    assert meta["files"][WEIGHTS_FILE] < float_meta["files"][WEIGHTS_FILE]
     run = load_run(workdir, "best")
     deployed = load(tmp_path / "export")
     images = _images(3, 3)
     _check_against_eval(run, deployed, images)
     float_logits, _ = _eval_outputs(load_run(teacher_dir, "best"), images)
     assert not np.allclose(deployed.predict(images), float_logits, rtol=0, atol=1e-4)  # it does quantize
+
+
+def test_int4_packing_round_trips_exactly():
+    values = np.array([-8, -1, 0, 7, 3, -5, 2, -8, 7, 1, -3, 0, 6, -7, 4, 5, -2], np.int8)  # 17: an odd count
+    packed = pack_int4(values)
+    assert packed.dtype == np.uint8 and packed.shape == (9,)
+    assert packed[0] == 0xF8 and packed[1] == 0x70 and packed[8] == 0x0E  # -8 low, -1 high; 0, 7; -2, pad
+    np.testing.assert_array_equal(unpack_int4(packed, values.size), values)
+    traced = jax.jit(unpack_int4, static_argnums=(1, 2))(packed, 17, jnp)
+    np.testing.assert_array_equal(np.asarray(traced), values)
+    every = np.tile(np.arange(-8, 8, dtype=np.int8), 3)[:-1]  # all 16 values, 47 of them
+    np.testing.assert_array_equal(unpack_int4(pack_int4(every), every.size), every)
+    with pytest.raises(ValueError):
+        pack_int4(np.array([8]))
+
+
+@pytest.mark.parametrize(
+    ("qtype", "bound", "qmin", "qmax"), [("int8", 127.5, -128, 127), ("int4", 7.5, -8, 7)]
+)
+def test_quantized_values_and_scales_equal_a_per_channel_computation_by_hand(qtype, bound, qmin, qmax):
+    """qwix's rule for a conv kernel (HWIO): per output channel, scale = max |w| / (qmax + 0.5), values
+    round(w / scale) clipped to the type. Each channel's largest magnitude is positive here (a negative
+    one lands on qmin or qmin + 1 depending on the last bit of the scale)."""
+    kernel = np.random.default_rng(6).normal(size=(1, 1, 2, 3)).astype(np.float32)
+    kernel[0, 0, 0] = np.abs(kernel).max(axis=(0, 1, 2)) * 1.5  # the largest magnitude: positive
+    values, scale = quantize_kernel(kernel, qtype)
+    absmax = np.abs(kernel.astype(np.float64)).max(axis=(0, 1, 2))
+    by_hand = absmax / bound
+    np.testing.assert_allclose(scale, by_hand, rtol=2 * np.finfo(np.float32).eps, atol=0)
+    assert scale.dtype == np.float32 and scale.shape == (3,) and values.dtype == np.int8
+    np.testing.assert_array_equal(values, np.clip(np.round(kernel / by_hand), qmin, qmax))
+    assert (values[0, 0, 0] == qmax).all()
+
+
+def test_sparse_bitmask_round_trips_exactly_at_the_bytes_counted_by_hand():
+    kernel = np.zeros((3, 3, 1, 2), np.float32)  # 18 values: 3 bytes of bitmask
+    kernel[0, 0, 0, 1], kernel[1, 2, 0, 0], kernel[2, 2, 0, 1] = 1.5, -2.25, 3e-7
+    kernel[2, 1, 0, 0] = -0.0  # stored, so that the bits come back
+    mask, values = sparse_encode(kernel)
+    assert mask.dtype == np.uint8 and mask.shape == (3,) and values.dtype == np.float32
+    np.testing.assert_array_equal(values, kernel.ravel()[[1, 10, 15, 17]])  # row-major order
+    assert mask.nbytes + values.nbytes == 3 + 4 * 4 == sparse_bytes(18, 4)
+    back = sparse_decode(mask, values, kernel.shape)
+    np.testing.assert_array_equal(back.view(np.uint32), kernel.view(np.uint32))
+    dense = np.random.default_rng(7).normal(size=(3, 3, 4, 5)).astype(np.float32)
+    np.testing.assert_array_equal(sparse_decode(*sparse_encode(dense), dense.shape), dense)
+    with pytest.raises(ValueError):
+        sparse_decode(mask, values[:3], kernel.shape)
+
+
+def test_a_pruned_export_stores_sparse_kernels_and_loads_them_dense(exported, teacher_dir, tmp_path):
+    """The float export's weights with 90% of each conv kernel zeroed, stored as an unstructured pruning
+    run's (bitmask and non-zero values): a smaller file, which the loader rebuilds into the same dense
+    arrays, so that predict gives what the float weights give."""
+    variables = jax.device_get(load_run(teacher_dir, "best").variables)
+
+    def prune(path, leaf):
+        if path[-1].key != "kernel" or leaf.ndim != 4:
+            return leaf
+        return np.where(np.abs(leaf) >= np.quantile(np.abs(leaf), 0.9), leaf, 0).astype(np.float32)
+
+    pruned = jax.tree_util.tree_map_with_path(prune, dict(variables))
+    stored = stored_weights(pruned, "prune_unstructured", None)
+    assert stored.storage == "sparse_bitmask"
+    out = tmp_path / "sparse"
+    shutil.copytree(exported, out)
+    data = _weights_file(stored.files)
+    (out / WEIGHTS_FILE).write_bytes(data)
+    meta = json.loads((out / META_FILE).read_text())
+    meta["weights"] = weights_meta(stored, len(data))
+    (out / META_FILE).write_text(json.dumps(meta))
+    for row in meta["weights"]["arrays"]:
+        if row["storage"] == "sparse_bitmask":
+            n = int(np.prod(row["shape"]))
+            assert row["stored_bytes"] == -(-n // 8) + 4 * row["nonzero"] and row["dense_bytes"] == 4 * n
+    float_meta = json.loads((exported / META_FILE).read_text())
+    assert meta["weights"]["stored_bytes"] < meta["weights"]["bytes"] == float_meta["weights"]["bytes"]
+    assert len(data) < float_meta["files"][WEIGHTS_FILE]
+    deployed = load(out)
+    for (_, dense, _), loaded in zip(stored.arguments, deployed._weights, strict=True):
+        np.testing.assert_array_equal(np.asarray(loaded), dense)
+    images = _images(2, 8)
+    dense_logits = load(exported)._predict(tuple(stored.arrays), images)  # the float export, pruned weights
+    np.testing.assert_array_equal(deployed.predict(images), np.asarray(dense_logits))
 
 
 def test_bad_inputs_end_in_one_sentence(exported, teacher_dir, tmp_path):

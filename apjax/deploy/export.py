@@ -10,13 +10,15 @@ quantization run) and writes, into a folder renamed into place when complete:
   of each image's top-1 class at the model's ``gradcam_tap``, resized bilinearly to the input: the same
   map as the localisation evaluation's (:func:`apjax.attribution.methods.attribution_fn` ``'gradcam'``
   then :func:`apjax.attribution.maps.upsample_map`), from one forward and one backward pass;
-- ``weights.npz``: the eval-mode weights (``params`` and ``batch_stats``) as float32 arrays;
+- ``weights.npz``: the eval-mode weights (``params`` and ``batch_stats``): float32 arrays, a quantized run's
+  conv kernels as int8 or packed int4 values with per-channel scales, an unstructured pruning run's as a
+  bitmask and their non-zero values (:mod:`apjax.deploy.weights`, :mod:`apjax.deploy.storage`);
 - ``meta.json``: what :mod:`apjax.deploy.load` and a reader need (see :func:`export_run`).
 
 The batch dimension is symbolic (``jax.export.symbolic_shape('b, H, W, 3')``), so one export serves any
 batch size. The weights are arguments of both functions and stored once beside them, not constants baked
-into each: embedded, a VGG16 (134M parameters, 537 MB) would be stored twice, and a later packed int8 or
-sparse weight file can replace ``weights.npz`` without touching the functions.
+into each: embedded, a VGG16 (134M parameters, 537 MB) would be stored twice. A quantized run's functions
+take the stored integer values and scales and dequantize inside.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from apjax.deploy.load import (
     check_serialization,
     read_meta,
 )
+from apjax.deploy.weights import StoredWeights, stored_weights
 from apjax.errors import ConfigError, MissingFileError
 from apjax.models import family_of, tap_gradients, top1_seed
 from apjax.models.quantized import quant_bits_of, scheme
@@ -60,17 +63,11 @@ from apjax.trainer.files import load_workdir_config, write_json_atomic
 PLATFORMS = ("cpu", "cuda")
 
 
-def _named_weights(variables: Mapping[str, Any]) -> tuple[list[str], list[np.ndarray], Any]:
-    """(names, float32 arrays, tree structure) of ``{'params', 'batch_stats'}`` in jax's flattening order:
-    the order the exported functions take them in. A name is the tree path joined with '/'."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(jax.device_get(dict(variables)))
-    names = ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in flat]
-    return names, [np.asarray(leaf, np.float32) for _, leaf in flat], treedef
-
-
-def deploy_functions(model, treedef) -> tuple[Callable, Callable]:
+def deploy_functions(model, treedef, prepare: Callable | None = None) -> tuple[Callable, Callable]:
     """``(predict, explain)`` of ``model`` taking ``(weights, images uint8 (B, H, W, 3))``, where ``weights``
-    is the tuple of arrays that ``treedef`` unflattens into ``{'params', 'batch_stats'}``.
+    is the tuple of arrays that ``treedef`` unflattens into ``{'params', 'batch_stats'}``, or, with
+    ``prepare`` (a quantized run's stored weights, :mod:`apjax.deploy.weights`), the tuple of stored arrays
+    that ``prepare(model, weights)`` turns into ``(model, those leaves)`` inside the functions.
 
     ``predict`` is the eval step's forward pass (:func:`apjax.trainer.evaluation.make_eval_step`: at the
     input size its resize is the identity, so the pixels are only normalised, then cast to the model's
@@ -81,13 +78,17 @@ def deploy_functions(model, treedef) -> tuple[Callable, Callable]:
     """
     tap = gradcam_tap(model)
 
+    def unpack(weights):
+        m, leaves = (model, weights) if prepare is None else prepare(model, weights)
+        return m, jax.tree.unflatten(treedef, list(leaves))
+
     def predict(weights, images):
-        variables = jax.tree.unflatten(treedef, weights)
-        return model.apply(variables, normalize(images).astype(model.dtype)).astype(jnp.float32)
+        m, variables = unpack(weights)
+        return m.apply(variables, normalize(images).astype(m.dtype)).astype(jnp.float32)
 
     def explain(weights, images):
-        variables = jax.tree.unflatten(treedef, weights)
-        logits, acts, grads, _ = tap_gradients(model, variables, normalize(images), top1_seed, [tap])
+        m, variables = unpack(weights)
+        logits, acts, grads, _ = tap_gradients(m, variables, normalize(images), top1_seed, [tap])
         maps = gradcam_map(acts[tap], grads[tap], reduce="sum", relu=True).astype(jnp.float32)
         return logits.astype(jnp.float32), upsample_map(maps, images.shape[1:3])
 
@@ -95,13 +96,15 @@ def deploy_functions(model, treedef) -> tuple[Callable, Callable]:
 
 
 def export_functions(
-    model, variables: Mapping[str, Any], image_size: int, platforms=PLATFORMS
-) -> tuple[bytes, bytes, list[str], list[np.ndarray]]:
+    model, variables: Mapping[str, Any], image_size: int, platforms=PLATFORMS, task: str = "teacher",
+    bits: str | None = None,
+) -> tuple[bytes, bytes, StoredWeights]:  # fmt: skip
     """The serialized ``predict`` and ``explain`` of :func:`deploy_functions` for square uint8 images of
-    side ``image_size`` and any batch size, and the (names, arrays) of the weights they take."""
-    names, arrays, treedef = _named_weights(variables)
-    predict, explain = deploy_functions(model, treedef)
-    weights = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays)
+    side ``image_size`` and any batch size, and the stored weights they take
+    (:func:`apjax.deploy.weights.stored_weights` of a run of ``task`` quantized at ``bits``)."""
+    stored = stored_weights(variables, task, bits)
+    predict, explain = deploy_functions(model, stored.treedef, stored.prepare)
+    weights = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for _, a, _ in stored.arguments)
     images = jax.ShapeDtypeStruct(jax.export.symbolic_shape(f"b, {image_size}, {image_size}, 3"), jnp.uint8)
     out = []
     for fn in (predict, explain):
@@ -113,7 +116,7 @@ def export_functions(
                 f"{str(e).splitlines()[0] if str(e) else ''}); it cannot be deployed this way."
             ) from e
         out.append(bytes(exported.serialize()))
-    return out[0], out[1], names, arrays
+    return out[0], out[1], stored
 
 
 def _classes(config: ml_collections.ConfigDict) -> list[str]:
@@ -135,7 +138,10 @@ def compression(config: ml_collections.ConfigDict, workdir: Path, final: Mapping
         out["teacher_workdir"] = distill.get("teacher_workdir")
     if task == "prune_unstructured":
         out.update(rounds=config.prune.rounds, rate=config.prune.rate)
-        out["note"] = "pruned weights are stored as zeros in dense float32 arrays (no sparse storage)"
+        out["note"] = (
+            "each conv kernel is stored as a bitmask of its non-zeros and their float32 values (weights."
+            "storage 'sparse_bitmask'); the loader rebuilds the dense kernels, which the functions take"
+        )
     if task == "prune_structured":
         out.update(ratio=config.prune.ratio, pattern=list(config.prune.pattern))
         out["model_json"] = _read_json(workdir / "model.json")
@@ -148,8 +154,10 @@ def compression(config: ml_collections.ConfigDict, workdir: Path, final: Mapping
             "weight_qtype": s.weight_qtype,
             "act_qtype": s.act_qtype,
             "source_workdir": config.quant.get("source_workdir", ""),
-            "note": "the functions quantize the stored float32 latent weights on the fly (qwix's forward "
-            "pass, as apjax evaluates it); weights.npz is not packed at the scheme's bits",
+            "note": "each conv kernel is stored as qwix's integer values (weights.storage) and float32 "
+            "per-output-channel scales, dequantized inside the functions, which run qwix's quantized forward "
+            "on them; the Dense head's kernel, biases and BatchNorm are float32 (qwix's backward pass "
+            "through the head uses its float kernel)",
         }
     counts = {k: v for k, v in final.items() if k not in ("val", "rows", "rounds", "step")}
     if counts:
@@ -216,9 +224,9 @@ def _write_folder(out_dir: Path, files: Mapping[str, bytes], meta: dict, overwri
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _weights_file(names: list[str], arrays: list[np.ndarray]) -> bytes:
+def _weights_file(arrays: Mapping[str, np.ndarray]) -> bytes:
     buffer = io.BytesIO()
-    np.savez(buffer, **dict(zip(names, arrays, strict=True)))
+    np.savez(buffer, **arrays)
     return buffer.getvalue()
 
 
@@ -256,15 +264,25 @@ def input_meta(size: int) -> dict[str, Any]:
     }
 
 
-def weights_meta(names: list[str], arrays: list[np.ndarray]) -> dict[str, Any]:
-    """The weight file's arrays (names and shapes, in the functions' argument order), count and bytes."""
+def weights_meta(stored: StoredWeights, file_bytes: int) -> dict[str, Any]:
+    """The weight file: its storage form, the variables (names, shapes, storage and bytes dense and as
+    stored, in jax's flattening order), the functions' arguments in order (name, shape, dtype, how the
+    file holds it), the counts of values and trainable parameters and the bytes of each form."""
+    names, arrays = stored.names, stored.arrays
     return {
         "file": WEIGHTS_FILE,
+        "storage": stored.storage,
         "dtype": "float32",
         "count": int(sum(a.size for a in arrays)),
         "params": int(sum(a.size for n, a in zip(names, arrays, strict=True) if n.startswith("params/"))),
         "bytes": int(sum(a.nbytes for a in arrays)),
-        "arrays": [{"name": n, "shape": list(a.shape)} for n, a in zip(names, arrays, strict=True)],
+        "stored_bytes": int(sum(r["stored_bytes"] for r in stored.rows)),
+        "file_bytes": int(file_bytes),
+        "arrays": stored.rows,
+        "arguments": [
+            {"name": n, "shape": list(a.shape), "dtype": str(a.dtype), "stored_as": how}
+            for n, a, how in stored.arguments
+        ],
     }
 
 
@@ -300,7 +318,7 @@ def export_run(
     empty folder). ``meta.json`` holds the format version, the classes, the input size and
     normalisation, the model (family, ``config.model``, Grad-CAM layer, precision), the compression (task,
     method, pruning or quantization settings), the source workdir, checkpoint and step, the run's val
-    metrics of that checkpoint from ``final_metrics.json``, the weights (names, shapes, float32 bytes) and
+    metrics of that checkpoint from ``final_metrics.json``, the weights (storage, names, shapes, bytes) and
     the size of each file. Returns the meta.
     """
     workdir, out_dir = Path(workdir).expanduser().absolute(), Path(out_dir).expanduser().absolute()
@@ -312,7 +330,10 @@ def export_run(
     step = int(ckpt["step"])
     metrics = val_metrics(run_dir, checkpoint, step)
     size = int(config.data.image_size)
-    predict, explain, names, arrays = export_functions(model, variables, size, platforms)
+    task = config.get("task", "teacher")
+    bits = quant_bits_of(config)
+    predict, explain, stored = export_functions(model, variables, size, platforms, task, bits)
+    weights_file = _weights_file(stored.files)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -338,8 +359,8 @@ def export_run(
             **{k: ckpt[k] for k in ("epoch", "best_metric", "best_value") if k in ckpt},
         },
         "val_metrics": metrics,
-        "weights": weights_meta(names, arrays),
+        "weights": weights_meta(stored, len(weights_file)),
     }
-    files = {PREDICT_FILE: predict, EXPLAIN_FILE: explain, WEIGHTS_FILE: _weights_file(names, arrays)}
+    files = {PREDICT_FILE: predict, EXPLAIN_FILE: explain, WEIGHTS_FILE: weights_file}
     _write_folder(out_dir, files, meta, overwrite)
     return meta

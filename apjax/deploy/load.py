@@ -6,7 +6,10 @@ no config, no Orbax, no model code, no task or trainer. The folder written by
 
 - ``predict.stablehlo``: ``(weights, images uint8 (B, H, W, 3)) -> logits float32 (B, K)``;
 - ``explain.stablehlo``: ``(weights, images) -> (logits (B, K), Grad-CAM map float32 (B, H, W))``;
-- ``weights.npz``: the weights both functions take, float32 arrays named as in ``meta.json``;
+- ``weights.npz``: the weights both functions take, named as in ``meta.json``: float32 arrays, a quantized
+  run's conv kernels as int8 or packed int4 values with float32 scales (the functions dequantize them), or
+  an unstructured pruning run's conv kernels as a bitmask and their non-zero values, which the loader
+  rebuilds into dense kernels (:mod:`apjax.deploy.storage`);
 - ``meta.json``: the format version, classes, input size, normalisation, model, compression, source run.
 
 Both functions are ``jax.export`` artifacts (serialized StableHLO) with a symbolic batch dimension: any
@@ -26,10 +29,12 @@ import jax
 import numpy as np
 from jax import export
 
+from apjax.deploy.storage import sparse_decode
 from apjax.errors import ConfigError, MissingFileError, UnreadableError
 
 FORMAT = "apjax-deploy"
-FORMAT_VERSION = 1  # bumped when a loader of this version could not read what the exporter writes
+# 2: weights.arguments, packed and sparse storage (this loader reads 1 too).
+FORMAT_VERSION = 2  # bumped when a loader of this version could not read what the exporter writes
 META_FILE = "meta.json"
 PREDICT_FILE = "predict.stablehlo"
 EXPLAIN_FILE = "explain.stablehlo"
@@ -89,20 +94,46 @@ def _read_exported(path: Path) -> export.Exported:
         ) from e
 
 
+def _arguments(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The functions' arguments in order (``meta['weights']['arguments']``; a version 1 export lists its
+    float32 ``arrays`` only, stored as they are)."""
+    weights = meta["weights"]
+    if "arguments" in weights:
+        return weights["arguments"]
+    return [
+        {"name": a["name"], "shape": a["shape"], "dtype": "float32", "stored_as": "dense"}
+        for a in weights["arrays"]
+    ]
+
+
+def _read_argument(stored, argument: dict[str, Any]) -> np.ndarray:
+    name = argument["name"]
+    if argument["stored_as"] == "sparse_bitmask":
+        return sparse_decode(stored[f"{name}/mask"], stored[f"{name}/values"], argument["shape"])
+    return np.asarray(stored[name])
+
+
 def _read_weights(directory: Path, meta: dict[str, Any]) -> tuple[np.ndarray, ...]:
-    """The weights in the order ``meta['weights']['arrays']`` lists them (the functions' argument order)."""
+    """The functions' weight arguments in the order ``meta.json`` lists them, sparse ones rebuilt dense."""
     path = directory / WEIGHTS_FILE
     if not path.is_file():
         raise MissingFileError(f"{path} does not exist; the export is incomplete, so export the run again.")
-    arrays = meta["weights"]["arrays"]
+    arguments = _arguments(meta)
     try:
         with np.load(path, allow_pickle=False) as stored:
-            weights = tuple(np.asarray(stored[a["name"]]) for a in arrays)
+            weights = tuple(_read_argument(stored, a) for a in arguments)
     except (OSError, ValueError, KeyError) as e:
-        raise UnreadableError(f"cannot read the weights of {path} ({e}); export the run again.") from e
-    bad = [a["name"] for a, w in zip(arrays, weights, strict=True) if list(w.shape) != list(a["shape"])]
+        message = str(e).rstrip(".").replace("\n", " ")
+        raise UnreadableError(f"cannot read the weights of {path} ({message}); export the run again.") from e
+    bad = [
+        a["name"]
+        for a, w in zip(arguments, weights, strict=True)
+        if list(w.shape) != list(a["shape"]) or str(w.dtype) != a["dtype"]
+    ]
     if bad:
-        raise ConfigError(f"{path} does not match {META_FILE} (shapes of {bad[:3]}); export the run again.")
+        raise ConfigError(
+            f"{path} does not match {META_FILE} (shapes or dtypes of {bad[:3]}); export the run again."
+        )
     return weights
 
 
