@@ -52,7 +52,9 @@ def main(argv: list[str]) -> None:
     )
     for name, size in meta["files"].items():
         print(f"  {name}  {size:,} bytes")
-    print(f"  weights: {meta['weights']['count']:,} float32 values, {meta['weights']['bytes']:,} bytes")
+    w = meta["weights"]
+    stored = f", stored as {w['storage']} in {w['stored_bytes']:,} bytes" if "storage" in w else ""
+    print(f"  weights: {w['count']:,} values, {w['bytes']:,} bytes in float32{stored}")
     print(f"try it: python -m apjax.deploy.predict {f.out} IMAGE...")
 
 
