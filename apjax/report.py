@@ -16,6 +16,7 @@ from typing import Any
 
 from apjax.attribution.methods import method_label
 from apjax.models.quantized import QUANT_SCHEMES
+from apjax.report_deploy import deployment_table
 from apjax.report_plots import plot_lines
 from apjax.report_seeds import (
     FAITHFULNESS_COLUMNS,
@@ -425,6 +426,7 @@ def write_report(config, root: Path, stages) -> Path:
         )
         lines.append("")
     lines += tables(config, stages, results, voc)
+    lines += deployment_table(root)
     plots = plot_against_params(root, stages, results)
     if plots:
         lines += ["## Attribution against parameter count", ""]

@@ -465,3 +465,26 @@ def test_blackbox_report_tables_of_rise_maps_and_pairs_against_kd_and_sswa(tmp_p
         run["methods"].pop("rise")
     md = "\n".join(report.tables(c, stages, {"eval": ev, "eval_methods": None}, voc=False))
     assert "RISE maps" not in md
+
+
+def test_deployment_table_from_the_latency_benchmark_file(tmp_path):
+    """The report's Deployment table shows each run of ``<root>/deploy/latency.json`` with its cells formatted
+    from the file's numbers; without the file there is no such section."""
+    from apjax.report_deploy import deployment_table
+
+    assert deployment_table(tmp_path) == []
+    row = dict(run="kd_x2_sswa", params=59646, bytes_on_disk=317750, weights_storage="float32",
+               predict_b1_ms_median=1.094, predict_b1_ms_p95=1.181, predict_batch_images_per_s=2146.2,
+               predict_b1_speedup=1.126, predict_batch_speedup=1.569, explain_b1_ms_median=1.21,
+               explain_b1_ms_p95=1.51, explain_batch_speedup=1.197)  # fmt: skip
+    (tmp_path / "deploy").mkdir()
+    found = {"rows": [row], "settings": {"batch_size": 64}, "date": "2026-12-06", "jax_version": "0.10.2",
+             "machine": {"cpu": "AMD EPYC", "device_kind": "cpu"}}  # fmt: skip
+    (tmp_path / "deploy" / "latency.json").write_text(json.dumps(found))
+    md = "\n".join(deployment_table(tmp_path))
+    assert cell(md, ["kd_x2_sswa"], "#params") == "59,646"
+    assert cell(md, ["kd_x2_sswa"], "bytes on disk") == "317,750 (float32)"
+    assert cell(md, ["kd_x2_sswa"], "predict ms/image at batch 1 (median / p95)") == "1.09 / 1.18"
+    assert cell(md, ["kd_x2_sswa"], "predict images/s at batch 64") == "2,146"
+    assert cell(md, ["kd_x2_sswa"], "predict speed-up (batch 1, 64)") == "1.13x, 1.57x"
+    assert "2026-12-06, AMD EPYC, cpu, jax 0.10.2" in md
