@@ -50,7 +50,7 @@ import ml_collections
 
 from apjax import evaluation
 from apjax.attribution.methods import check_methods, method_options
-from apjax.compress.matching import MATCHING_MAPS
+from apjax.compress.matching import is_blackbox
 from apjax.errors import ConfigError
 from apjax.evaluators.faithfulness import check_faithfulness
 from apjax.models import family_of
@@ -100,7 +100,7 @@ def _compression_stages(config: ml_collections.ConfigDict, teacher_model: str, t
             c = _stage_config(config.kd, config)
             c.model = student_model(teacher_model, student)
             c.distill.method, c.distill.teacher_workdir = method, teacher_dir
-            if method in MATCHING_MAPS and MATCHING_MAPS[method].teacher_access == "blackbox":
+            if is_blackbox(method):
                 c.distill.teacher_access = "blackbox"  # its teacher answers with logits only
             stages.append(Stage(f"kd_{student}_{method}", "distill", method, student, c))
     for kind in config.prune_kinds:

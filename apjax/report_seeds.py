@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from apjax.compress.matching import MATCHING_MAPS
+from apjax.compress.matching import MATCHING_MAPS, is_blackbox
 from apjax.models.quantized import QUANT_SCHEMES
 from apjax.stages import Stage
 from apjax.stats import Interval, finite, mean_interval, paired_difference
@@ -184,8 +184,7 @@ def comparisons(stages: list[Stage]) -> tuple[list, list]:
         s = group[0]
         if s.kind == "distill" and s.method != "kd" and f"kd_{s.student}_kd" in groups:
             kd.append((s.student, f"{method_name(s.method)} - KD", group, groups[f"kd_{s.student}_kd"]))
-        blackbox = s.method in MATCHING_MAPS and MATCHING_MAPS[s.method].teacher_access == "blackbox"
-        if s.kind == "distill" and blackbox and f"kd_{s.student}_sswa" in groups:
+        if s.kind == "distill" and is_blackbox(s.method) and f"kd_{s.student}_sswa" in groups:
             sswa = groups[f"kd_{s.student}_sswa"]
             kd.append((s.student, f"{method_name(s.method)} - SSWA", group, sswa))
         baseline = base.rsplit("_", 1)[0] + "_naive"
@@ -236,6 +235,7 @@ def method_tables(ev: dict | None, stages: list[Stage], label_of) -> list[str]:
         return []
     lines = []
     groups = by_base(stages)
+    kd, other = comparisons(stages)
     for method in [m for m in ev.get("methods", []) if m != "gradcam"]:
         rows = []
         for base, (s, *_) in groups.items():
@@ -248,7 +248,6 @@ def method_tables(ev: dict | None, stages: list[Stage], label_of) -> list[str]:
         title = seeds_title(f"{label_of(method)} maps of every run", [int(r[2]) for r in rows])
         header = ["run", "method", "n", *(h for h, _ in MAP_COLUMNS)]
         lines += [f"## {title}", "", *table(header, rows), ""]
-        kd, other = comparisons(stages)
         paired = paired_rows(ev, kd + other, MAP_COLUMNS, method)
         if paired:
             header = ["compression", "difference", "n", *(h for h, _ in MAP_COLUMNS)]

@@ -85,7 +85,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from apjax.compress import distill, teacher_cache
 from apjax.compress.blackbox import forward_passes
-from apjax.compress.matching import MATCHING_MAPS
+from apjax.compress.matching import MATCHING_MAPS, is_blackbox
 from apjax.data.pipeline import TrainBatches, batch_sharding, data_mesh
 from apjax.models import create_model, init_variables
 from apjax.tasks.teacher import make_train_step
@@ -282,8 +282,7 @@ def build_distill_cached(method: str) -> Callable[[Setting, Mesh, str | None], W
 def _blackbox_ready(c, s: Setting):
     """``c`` with ``teacher_access = 'blackbox'`` when its method matches a black-box teacher's map; below
     128 px with the small configs' RISE (128 masks of a 4 x 4 grid, p = 0.5), else RISE's 1000 masks."""
-    spec = MATCHING_MAPS.get(c.distill.method)
-    if spec is not None and spec.teacher_access == "blackbox":
+    if is_blackbox(c.distill.method):
         c.distill.teacher_access = "blackbox"
         if s.image_size < 128:
             c.distill.blackbox.options.update(rise_masks=128, rise_cells=4, rise_keep=0.5, rise_chunk=32)
@@ -308,7 +307,7 @@ def build_cache_pass(method: str) -> Callable[[Setting, Mesh, str | None], Workl
             "step": "teacher_cache pass",
             "taps": list(taps),
         }
-        if spec.teacher_access == "blackbox":
+        if spec.blackbox:
             size = s.image_size
             config["blackbox"] = {
                 **c.distill.blackbox.to_dict(),

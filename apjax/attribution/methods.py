@@ -168,19 +168,10 @@ def _integrated_gradients(model, o: MethodOptions) -> MapFn:
     return lambda v, x, cls, ids: gradients.integrated_gradients_map(model, v, x, cls, steps=o.ig_steps)
 
 
-def _probabilities(model, variables):
-    """The model as a black box: ``(M, H, W, 3) -> (M, K)`` class probabilities, sigmoid of the logits
-    (eval mode); what RISE and occlusion read, and all they read."""
-    return lambda images: jax.nn.sigmoid(model.apply(variables, images).astype(jnp.float32))
-
-
-def _rise(model, o: MethodOptions) -> MapFn:
-    def fn(v, x, cls, ids):
-        key = jax.random.fold_in(jax.random.key(o.seed), 1)  # the same masks for every image and batch
-        masks = perturbation.rise_masks(key, o.rise_masks, x.shape[1], x.shape[2], o.rise_cells, o.rise_keep)
-        return perturbation.rise_map(_probabilities(model, v), x, cls, masks, o.rise_keep, o.rise_chunk)
-
-    return fn
+def probabilities_of(predict: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
+    """A model answering with logits, ``predict(x (M, H, W, 3)) -> (M, K)``, as a black box of class
+    probabilities, sigmoid of the logits in float32: what RISE and occlusion read, and all they read."""
+    return lambda images: jax.nn.sigmoid(predict(images).astype(jnp.float32))
 
 
 def occlusion_patch(o: MethodOptions, height: int, width: int) -> tuple[int, int]:
@@ -190,13 +181,32 @@ def occlusion_patch(o: MethodOptions, height: int, width: int) -> tuple[int, int
     return size, o.occlusion_stride or -(-size // 2)
 
 
-def _occlusion(model, o: MethodOptions) -> MapFn:
-    def fn(v, x, cls, ids):
-        size, stride = occlusion_patch(o, x.shape[1], x.shape[2])
-        probabilities = _probabilities(model, v)
-        return perturbation.occlusion_map(probabilities, x, cls, size, stride, o.occlusion_baseline)
+def black_box_map(
+    method: str,
+    probabilities: Callable[[jax.Array], jax.Array],
+    x: jax.Array,
+    cls: jax.Array,
+    o: MethodOptions,
+) -> jax.Array:
+    """``method``'s (``'rise'`` or ``'occlusion'``) map (B, H, W) of each image ``x`` (B, H, W, 3) for its
+    class ``cls`` (B,), from ``probabilities`` alone, with the settings ``o``. RISE's masks come from
+    ``fold_in(key(o.seed), 1)``: the same masks for every image and batch."""
+    if method == "rise":
+        key = jax.random.fold_in(jax.random.key(o.seed), 1)
+        masks = perturbation.rise_masks(key, o.rise_masks, x.shape[1], x.shape[2], o.rise_cells, o.rise_keep)
+        return perturbation.rise_map(probabilities, x, cls, masks, o.rise_keep, o.rise_chunk)
+    size, stride = occlusion_patch(o, x.shape[1], x.shape[2])
+    return perturbation.occlusion_map(probabilities, x, cls, size, stride, o.occlusion_baseline)
 
-    return fn
+
+def _black_box(method: str):
+    def build(model, o: MethodOptions) -> MapFn:
+        def fn(v, x, cls, ids):
+            return black_box_map(method, probabilities_of(lambda images: model.apply(v, images)), x, cls, o)
+
+        return fn
+
+    return build
 
 
 def _smoothgrad(model, o: MethodOptions) -> MapFn:
@@ -215,8 +225,8 @@ ATTRIBUTION_METHODS: dict[str, AttributionMethod] = {
     "input_x_gradient": AttributionMethod("Input x Gradient", _input_x_gradient),
     "integrated_gradients": AttributionMethod("Integrated Gradients", _integrated_gradients),
     "smoothgrad": AttributionMethod("SmoothGrad", _smoothgrad),
-    "rise": AttributionMethod("RISE", _rise),
-    "occlusion": AttributionMethod("Occlusion", _occlusion),
+    "rise": AttributionMethod("RISE", _black_box("rise")),
+    "occlusion": AttributionMethod("Occlusion", _black_box("occlusion")),
 }
 
 

@@ -41,7 +41,13 @@ import jax.numpy as jnp
 
 from apjax.attribution import perturbation
 from apjax.attribution.maps import swa_map
-from apjax.attribution.methods import MethodOptions, method_options, occlusion_patch
+from apjax.attribution.methods import (
+    MethodOptions,
+    black_box_map,
+    method_options,
+    occlusion_patch,
+    probabilities_of,
+)
 from apjax.models import tap_gradients
 
 TEACHER_ACCESS = ("full", "blackbox")
@@ -79,21 +85,10 @@ def teacher_map(predict: Predict, x: jax.Array, d: Any) -> dict[str, jax.Array]:
     """The black-box teacher's outputs on images ``x`` (B, H, W, 3): ``logits`` (B, K) and ``map`` (B, r, r),
     its RISE or occlusion map (``d.blackbox.map``) of ``sigmoid(predict(.))`` for its top-1 class, at
     ``r = d.blackbox.size``. ``predict`` is all that is read of the teacher."""
-    o = blackbox_options(d)
     logits = predict(x)
     k = jnp.argmax(logits, axis=-1)
-
-    def probabilities(images):
-        return jax.nn.sigmoid(predict(images).astype(jnp.float32))
-
-    height, width = x.shape[1], x.shape[2]
-    if d.blackbox.map == "rise":
-        key = jax.random.fold_in(jax.random.key(o.seed), 1)  # the evaluation's masks for this seed
-        masks = perturbation.rise_masks(key, o.rise_masks, height, width, o.rise_cells, o.rise_keep)
-        m = perturbation.rise_map(probabilities, x, k, masks, o.rise_keep, o.rise_chunk)
-    else:
-        size, stride = occlusion_patch(o, height, width)
-        m = perturbation.occlusion_map(probabilities, x, k, size, stride, o.occlusion_baseline)
+    # The evaluation's own RISE or occlusion (its masks for this seed).
+    m = black_box_map(d.blackbox.map, probabilities_of(predict), x, k, blackbox_options(d))
     r = int(d.blackbox.size)
     return {"logits": logits, "map": resize_map(m, (r, r))}
 

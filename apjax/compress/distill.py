@@ -202,14 +202,13 @@ def student_loss(
     loss, parts = _base_loss(base_loss, s_logits, t_logits, labels, d)
     match = jnp.zeros((), jnp.float32)
     s_maps = {}
-    if spec is not None and spec.student_maps is not None:
-        # A black-box teacher: its one stored map against the student's own maps at its resolution.
-        s_maps, t_maps = matched_maps(s_acts, t_maps["map"])
-        match = multi_tap_matching_loss(s_maps, t_maps, d.matching_form)
-        loss = loss + d.beta * match
-    elif spec is not None:
-        # The student's map is never channel-dropped: masks are the teacher's alone.
-        s_maps = maps_at_taps(spec, s_acts, s_grads)
+    if spec is not None:
+        if spec.blackbox:
+            # The teacher's one stored map against the student's own maps, at the stored map's resolution.
+            s_maps, t_maps = matched_maps(s_acts, t_maps["map"])
+        else:
+            # The student's map is never channel-dropped: masks are the teacher's alone.
+            s_maps = maps_at_taps(spec, s_acts, s_grads)
         match = multi_tap_matching_loss(s_maps, t_maps, d.matching_form)
         loss = loss + d.beta * match
     aux = dict(parts={**parts, "match": match}, batch_stats=updates["batch_stats"], teacher_logits=t_logits)
@@ -221,7 +220,7 @@ def _student_forward(student, variables, x, seed, spec, taps, dropout_key):
     the teacher's class) only when the matching map needs them, the activations only when it matches. A
     black-box method's entry computes the student's maps itself: they come in place of ``acts``."""
     rngs = {"dropout": dropout_key}
-    if spec is not None and spec.student_maps is not None:
+    if spec is not None and spec.blackbox:
         logits, maps, updates = spec.student_maps(student, variables, x, seed, taps, rngs)
         return logits, maps, None, updates
     if spec is not None and spec.needs_gradients:

@@ -62,6 +62,16 @@ class MatchingMap:
     teacher_access: str = "full"
     student_maps: Callable[..., tuple[jax.Array, dict[str, jax.Array], dict[str, Any]]] | None = None
 
+    @property
+    def blackbox(self) -> bool:
+        """Whether the method reads a black-box teacher (its stored map, against ``student_maps``)."""
+        return self.teacher_access == "blackbox"
+
+
+def is_blackbox(method: str) -> bool:
+    """Whether ``method`` is a registered matching map of a black-box teacher (``kd``, ``naive``: no)."""
+    return method in MATCHING_MAPS and MATCHING_MAPS[method].blackbox
+
 
 MATCHING_MAPS: dict[str, MatchingMap] = {
     "ewa": MatchingMap("EWA", needs_gradients=False, map_fn=lambda a, g, m: ewa_map(a)),

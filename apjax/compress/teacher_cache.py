@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from apjax.attribution.maps import channel_weights
 from apjax.compress import blackbox
-from apjax.compress.matching import MATCHING_MAPS, MatchingMap, maps_at_taps
+from apjax.compress.matching import MATCHING_MAPS, MatchingMap, is_blackbox, maps_at_taps
 from apjax.data.augment import draw_augment
 from apjax.data.cache import HostCache
 from apjax.data.pipeline import TrainBatches, batch_sharding
@@ -85,7 +85,7 @@ def teacher_outputs(
     ``config.distill`` block)."""
     if spec is None:
         return {"logits": teacher.apply(variables, x)}
-    if spec.teacher_access == "blackbox":
+    if spec.blackbox:
         return blackbox.teacher_map(lambda images: teacher.apply(variables, images), x, d)
     if spec.needs_gradients:
         logits, acts, grads, _ = tap_gradients(teacher, variables, x, top1_seed, taps)
@@ -109,7 +109,7 @@ def teacher_side(
     logits = jax.lax.stop_gradient(_float(outputs["logits"]))
     if spec is None:
         return logits, {}, {}
-    if spec.teacher_access == "blackbox":  # the stored map, matched by the student's maps of any name
+    if spec.blackbox:  # the stored map, matched by the student's maps of any name
         return logits, {"map": jax.lax.stop_gradient(_float(outputs["map"]))}, {}
     acts = {t: _float(outputs[f"acts/{t}"]) for t in taps}
     grads = {t: _float(outputs[f"grads/{t}"]) for t in taps} if spec.needs_gradients else None
@@ -135,9 +135,8 @@ def _digest(*arrays) -> str:
 def cache_meta(config, teacher_vars, train: HostCache, shapes: Mapping[str, tuple]) -> dict[str, Any]:
     """What a cache is built from: the teacher (a hash of its weights), the data, the draws and settings."""
     d = config.distill
-    spec = MATCHING_MAPS.get(d.method)
     extra = {}
-    if spec is not None and spec.teacher_access == "blackbox":
+    if is_blackbox(d.method):
         extra["blackbox"] = {
             "map": d.blackbox.map,
             "options": dataclasses.asdict(blackbox.blackbox_options(d)),
@@ -239,7 +238,7 @@ def build_teacher_cache(
     directory = default_cache_dir(config, meta)
     if not _check_meta(directory, meta):
         if jax.process_index() == 0:
-            passes = _forward_passes(config, spec)
+            passes = _forward_passes(config)
             print(
                 f"Building the teacher cache in {directory} ({meta['draws']} draws of {len(train)} images, "
                 f"{passes} teacher forward passes per image and draw)."
@@ -249,9 +248,9 @@ def build_teacher_cache(
     return TeacherCache(directory)
 
 
-def _forward_passes(config, spec) -> int:
+def _forward_passes(config) -> int:
     """The teacher's forward passes per image and draw of a build: one, or a black-box map's N or P."""
-    if spec is not None and spec.teacher_access == "blackbox":
+    if is_blackbox(config.distill.method):
         size = config.data.image_size
         return blackbox.forward_passes(config.distill, size, size)
     return 1
@@ -295,7 +294,7 @@ def _build(config, teacher, teacher_vars, train, mesh, spec, taps, meta, directo
             write_json_atomic(progress, {"done": k + 1, "seconds": seconds + time.perf_counter() - t0})
     if main:
         # What the build cost (all sessions of a resumed build), beside the cache; not part of its identity.
-        passes = _forward_passes(config, spec)
+        passes = _forward_passes(config)
         seconds += time.perf_counter() - t0
         write_json_atomic(
             tmp / "build.json",
