@@ -79,6 +79,11 @@ def baseline_of(x: jax.Array, kind: str, sigma: float) -> jax.Array:
     return gaussian_blur(x, sigma)
 
 
+def class_probability(prob_fn: Callable[[jax.Array], jax.Array], images: jax.Array, classes: jax.Array):
+    """Float32 (B,): each image's probability of its class, ``prob_fn(images)[b, classes[b]]``."""
+    return jnp.take_along_axis(prob_fn(images), classes[:, None], axis=1)[:, 0].astype(jnp.float32)
+
+
 def pixel_ranks(maps: jax.Array) -> jax.Array:
     """Int32 (B, H, W): each pixel's place in its map's order, highest value first, ties in row-major
     order (0 is the map's first pixel)."""
@@ -111,7 +116,7 @@ def curves(
     counts = jnp.asarray([t * n // steps for t in range(steps + 1)], jnp.int32)
 
     def prob(images):
-        return jnp.take_along_axis(prob_fn(images), classes[:, None], axis=1)[:, 0].astype(jnp.float32)
+        return class_probability(prob_fn, images, classes)
 
     def point(_, count):
         first = ranks < count  # the pixels the map ranks among its first ``count``
@@ -143,11 +148,8 @@ def region_ranks(maps: jax.Array, size: int) -> jax.Array:
     b, h, w = maps.shape
     nh, nw = -(-h // size), -(-w // size)
     padded = jnp.pad(maps, ((0, 0), (0, nh * size - h), (0, nw * size - w)))  # zeros add nothing
-    sums = padded.reshape(b, nh, size, nw, size).sum(axis=(2, 4)).reshape(b, nh * nw)
-    order = jnp.argsort(-sums, axis=1, stable=True)
-    ranks = jnp.zeros_like(order).at[jnp.arange(b)[:, None], order].set(jnp.arange(nh * nw)[None])
-    ranks = ranks.reshape(b, nh, nw)
-    return jnp.repeat(jnp.repeat(ranks, size, axis=1), size, axis=2)[:, :h, :w].astype(jnp.int32)
+    ranks = pixel_ranks(padded.reshape(b, nh, size, nw, size).sum(axis=(2, 4)))  # (B, nh, nw): the regions'
+    return jnp.repeat(jnp.repeat(ranks, size, axis=1), size, axis=2)[:, :h, :w]
 
 
 def uniform_noise(x: jax.Array, ids: jax.Array, seed: int = NOISE_SEED) -> jax.Array:
@@ -180,9 +182,7 @@ def region_curve(
     ranks = region_ranks(maps, size)[..., None]
 
     def point(_, k):
-        images = jnp.where(ranks < k, baseline, x)
-        p = jnp.take_along_axis(prob_fn(images), classes[:, None], axis=1)[:, 0]
-        return None, p.astype(jnp.float32)
+        return None, class_probability(prob_fn, jnp.where(ranks < k, baseline, x), classes)
 
     _, curve = jax.lax.scan(point, None, jnp.arange(last + 1, dtype=jnp.int32))
     return curve.T
