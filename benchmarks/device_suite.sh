@@ -15,7 +15,8 @@
 #   3. distillation steps at 227 px, KD + SSWA with a live teacher (kd_sswa) and a cached one
 #      (kd_sswa_cached), one process per (precision, batch, student): student x8 at every precision and
 #      batch first, then x4 and x2;
-#   4. the data pipeline at VOC resolution (apjax.data.benchmark --voc, original-resolution cache);
+#   4. the data pipeline at VOC resolution (apjax.data.benchmark --voc, original-resolution cache):
+#      host-fed against device-resident batches (config.data.on_device), augmentation;
 #   5. localisation (run, method, pair)/s (benchmarks/localization_benchmark.py, results under $OUT);
 #   6. deployment latency (benchmarks/latency.py) of LATENCY_SWEEP (default workdirs/science when it is
 #      there, else the tiny teacher and its copy trained by step 5, a note saying so).

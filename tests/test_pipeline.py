@@ -1,6 +1,7 @@
 """The data path end to end: synthetic tfds builder -> host cache -> batches on a mesh -> augment."""
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -10,8 +11,17 @@ from PIL import Image
 from apjax.data import cache as cache_lib
 from apjax.data import class_names, load_cached_split, load_split
 from apjax.data.augment import MEAN, STD, train_augment
-from apjax.data.pipeline import TrainBatches, batch_sharding, data_mesh, eval_batches, eval_masks
+from apjax.data.pipeline import (
+    DeviceCache,
+    TrainBatches,
+    batch_sharding,
+    check_device_memory,
+    data_mesh,
+    eval_batches,
+    eval_masks,
+)
 from apjax.data.synthetic import SyntheticConfig, generate_example
+from apjax.errors import ConfigError
 
 # The module's fixture is built once, on one xdist worker.
 pytestmark = pytest.mark.xdist_group("pipeline")
@@ -129,6 +139,61 @@ def test_train_batches_are_epoch_permutations_addressed_by_step(data_dir):
     assert b["images"].sharding == batch_sharding(mesh)
     assert len(b["images"].addressable_shards) == jax.device_count()
     np.testing.assert_array_equal(np.asarray(b["images"]), cache.images[np.sort(batches.indices(6))])
+
+
+def test_device_resident_batches_equal_the_host_fed_ones(data_dir):
+    """config.data.on_device: the split is copied to every device once; a batch is a gather there, and
+    equals the host-fed batch of the same step, and the cache's rows at the step's indices."""
+    cache = load_cached_split("synthetic", "train", data_dir, 0, GEN, SIZES)
+    mesh = data_mesh()
+    resident = DeviceCache(cache, mesh)
+    fields = (cache.images, cache.sizes, cache.extents, cache.labels)
+    assert resident.nbytes == sum(a.nbytes for a in fields) == 40 * (40 * 40 * 3 + 2 * 4 + 2 * 4 + 6)
+    host_fed = TrainBatches(cache, 8, seed=5, mesh=mesh)
+    on_device = TrainBatches(cache, 8, seed=5, mesh=mesh, resident=resident)
+    assert set(on_device.host_batch(3)) == {"index"}  # only the indices leave the host
+    for step in (0, 4, 5, 11):  # across an epoch boundary (5 steps per epoch)
+        a, b = host_fed.batch(step), on_device.batch(step)
+        assert set(a) == set(b)
+        idx = np.sort(host_fed.indices(step))
+        for key in a:
+            assert b[key].dtype == a[key].dtype and b[key].sharding == batch_sharding(mesh)
+            np.testing.assert_array_equal(np.asarray(b[key]), np.asarray(a[key]))
+        for key in DeviceCache.FIELDS:
+            np.testing.assert_array_equal(np.asarray(b[key]), getattr(cache, key)[idx])
+    # Each device gathers from its own copy: the compiled gather holds no collective.
+    hlo = resident._gather.lower(resident.arrays, on_device.batch(0)["index"]).compile().as_text()
+    assert not any(op in hlo for op in ("all-gather", "all-to-all", "collective-permute", "all-reduce"))
+    other = load_cached_split("synthetic", "val", data_dir, 0, GEN, SIZES)
+    with pytest.raises(ValueError, match="another split"):
+        TrainBatches(other, 8, seed=0, mesh=mesh, resident=resident)
+
+
+class _Device:
+    process_index, device_kind = 0, "FakeGPU"
+
+    def __init__(self, limit):
+        self.limit = limit
+
+    def memory_stats(self):
+        return {"bytes_limit": self.limit} if self.limit else None
+
+
+class _Mesh:
+    def __init__(self, *devices):
+        self.devices = np.asarray(devices, dtype=object)
+
+
+def test_device_memory_check_refuses_a_cache_larger_than_half_a_device():
+    check_device_memory(500, _Mesh(_Device(1000), _Device(1000)))  # half of each device: accepted
+    with pytest.raises(ConfigError, match=r"needs 501 B of the 1000 B of the FakeGPU device") as e:
+        check_device_memory(501, _Mesh(_Device(1000)))
+    assert "config.data.on_device=False" in str(e.value) and str(e.value).count(". ") == 0
+    # CPU devices (no bytes_limit) share the host's memory, and the cache's pages.
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    check_device_memory(host // 2, _Mesh(*[_Device(None)] * 8))
+    with pytest.raises(ConfigError, match=r"of the host's memory \(shared by its CPU devices\)"):
+        check_device_memory(host // 2 + 1, _Mesh(*[_Device(None)] * 8))
 
 
 def test_batch_size_errors(data_dir):

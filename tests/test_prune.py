@@ -111,6 +111,7 @@ def small_prune_config(module, teacher_dir, method, **overrides):
 def test_unstructured_rounds_prune_exactly_keep_zeros_and_resume(teacher_dir, tmp_path, capsys):
     c = small_prune_config(prune_unstructured, teacher_dir, "naive")  # matching: the structured test
     c.prune.rounds, c.prune.rate = 2, 0.2
+    c.data.on_device = True  # the rounds share one device-resident copy of the split (the same batches)
     workdir = tmp_path / "prune_u"
     train_and_evaluate(c, workdir)
     teacher = load_run(teacher_dir)

@@ -146,12 +146,14 @@ def test_an_interrupted_build_resumes_where_it_stopped(tmp_path, monkeypatch):
 def test_distillation_trains_from_the_cache(teacher_dir, tmp_path):
     """A KD + SSWA student over two epochs (draws 0 and 1) trains from the cache through the task; its
     directory holds what meta.json says. The prunings and quantization take the same step and batches
-    from ``apjax.compress.distill.training_step``."""
+    from ``apjax.compress.distill.training_step``. The images come from the devices' copy of the split
+    (``data.on_device``), the cached outputs from the host."""
     from apjax.tasks import train_and_evaluate
     from tests.test_distill import kd_config
 
     c = kd_config(teacher_dir, "sswa", teacher_cache=4, teacher_cache_dir=str(tmp_path / "kd_cache"))
     c.num_epochs, c.lr_decay_epochs = 2, ()
+    c.data.on_device = True
     train_and_evaluate(c, tmp_path / "kd")
     meta = json.loads((tmp_path / "kd_cache" / "meta.json").read_text())
     assert meta["draws"] == 2 and set(meta["fields"]) == {

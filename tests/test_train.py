@@ -135,6 +135,11 @@ def test_bad_data_and_config_arguments(tmp_path):
     c.data.synthetic.num_classes = 40
     with pytest.raises(ValueError, match="num_classes=40"):
         validate_config(c)
+    c = tiny_config(tmp_path)
+    with c.data.ignore_type():  # e.g. a hand-edited config.json
+        c.data.on_device = "yes"
+    with pytest.raises(ValueError, match="config.data.on_device must be True or False, got 'yes'"):
+        validate_config(c)
     with pytest.raises(ValueError, match="unknown config argument 'smal'"):
         parse_arg("data=synthetic,smal", data="voc", small=False)
     with pytest.raises(ValueError, match="unknown data 'vocc'"):

@@ -331,7 +331,7 @@ class CachedBatches(TrainBatches):
     ``(step // steps_per_epoch) mod D``, and ``teacher``: the cached outputs of their images at that draw."""
 
     def __init__(self, batches: TrainBatches, cache: TeacherCache):
-        super().__init__(batches.cache, batches.batch_size, batches.seed, batches.mesh)
+        super().__init__(batches.cache, batches.batch_size, batches.seed, batches.mesh, batches.resident)
         self.teacher_cache = cache
 
     def host_batch(self, step: int) -> dict[str, Any]:

@@ -41,13 +41,17 @@ def _check(dataset: str, split: str) -> None:
 def check_data_config(data) -> None:
     """Validates a ``config.data`` block (called by :func:`apjax.tasks.validate_config`); one-sentence errors.
 
-    Checks the dataset name, ``cache_size`` (0: original resolution; N > 0: squash to N x N) and
+    Checks the dataset name, ``cache_size`` (0: original resolution; N > 0: squash to N x N),
+    ``on_device`` (a bool: the training split held in device memory,
+    :class:`~apjax.data.pipeline.DeviceCache`) and
     ``split_sizes``: for the synthetic benchmark each split needs at least one image; for VOC it is
     refused (VOC's splits are the official image lists), except when it repeats their official sizes
     (older configs carried them).
     """
     _check(data.dataset, "train")
     check_cache_size(data.cache_size, "config.data.cache_size")
+    if not isinstance(data.get("on_device", False), bool):
+        raise ConfigError(f"config.data.on_device must be True or False, got {data.on_device!r}.")
     sizes = data.get("split_sizes")
     sizes = {} if sizes is None else dict(sizes)
     if data.dataset == "voc":

@@ -8,11 +8,16 @@ global batch, and the slices are assembled into one global ``jax.Array`` split o
 The batches stay uint8 on the way to the device, each image in its cache slot with its original size
 (``sizes``) and the extent of the slot it fills (``extents``); the augmentation runs there
 (:func:`apjax.data.augment.train_augment`, typically inside the jitted train step).
+
+With ``config.data.on_device`` the training split's arrays are copied once into the memory of every device
+(:class:`DeviceCache`) and a batch is a gather there: only its indices cross from the host. A
+host-fed batch and a device-resident batch of the same step are equal, element for element.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -53,23 +58,100 @@ def _to_global(local: dict[str, np.ndarray], mesh: Mesh, global_batch_size: int)
     return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, v, shape(v)), local)
 
 
+def _bytes_text(n: float) -> str:
+    """``n`` bytes in the largest binary unit that leaves at least 1: '4.27 GiB', '12.0 MiB', '501 B'."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}" if unit == "GiB" else f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def check_device_memory(nbytes: int, mesh: Mesh, fraction: float = 0.5) -> None:
+    """Raises ``ConfigError`` unless ``nbytes`` held on every device of ``mesh`` leaves most of its memory.
+
+    A device that reports its memory (GPU, TPU: ``bytes_limit``) may give at most ``fraction`` of it. CPU
+    devices share the host's memory: there ``nbytes`` counts once against ``fraction`` of the host's
+    physical memory, as XLA:CPU's arrays of the memory-mapped cache share its pages instead of copying
+    them (measured with jax 0.10: 8 CPU devices, one buffer address, no growth of the resident set).
+    """
+    devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    stats = devices[0].memory_stats() if devices else None
+    if stats and stats.get("bytes_limit"):
+        need, have, where = nbytes, int(stats["bytes_limit"]), f"{devices[0].device_kind} device"
+    else:
+        need, have = nbytes, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        where = "host's memory (shared by its CPU devices)"
+    if need > fraction * have:
+        raise ConfigError(
+            f"config.data.on_device=True needs {_bytes_text(need)} of the {_bytes_text(have)} of the "
+            f"{where} for the training split, more than {fraction:.0%} of it (the rest is for training); "
+            "set config.data.on_device=False (batches from host memory) or shrink the cache with "
+            "config.data.cache_size=N."
+        )
+
+
+class DeviceCache:
+    """A training split's cache arrays held in the memory of every device of a mesh (replicated).
+
+    ``gather(index)`` returns the batch of the int32 (B,) indices ``index`` (split over 'data'): ``images``
+    uint8 (B, S, S, 3), ``sizes`` int32 (B, 2), ``extents`` int32 (B, 2), ``labels`` uint8 (B, K), split
+    like ``index``. Each device gathers its own rows from its own copy, so the gather moves no data between
+    devices and none from the host. Memory: the split's bytes (:attr:`nbytes`) on every accelerator, checked
+    against the device's capacity first (:func:`check_device_memory`); XLA:CPU's devices share the host
+    cache's memory-mapped pages.
+    """
+
+    FIELDS = ("images", "sizes", "extents", "labels")
+
+    def __init__(self, cache: HostCache, mesh: Mesh):
+        self.cache, self.mesh = cache, mesh
+        self.nbytes = sum(int(getattr(cache, f).nbytes) for f in self.FIELDS)
+        check_device_memory(self.nbytes, mesh)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        # From a callback: every process reads its own (memory-mapped) copy of the split for its devices.
+        self.arrays = {
+            f: jax.make_array_from_callback(a.shape, replicated, lambda i, a=a: np.asarray(a[i]))
+            for f in self.FIELDS
+            for a in [getattr(cache, f)]
+        }
+        self._gather = jax.jit(
+            lambda arrays, index: {k: v[index] for k, v in arrays.items()},
+            out_shardings=batch_sharding(mesh),
+        )
+
+    def gather(self, index: jax.Array) -> dict[str, jax.Array]:
+        """The cached arrays at ``index`` (int32 (B,), split over 'data'), split the same way."""
+        return self._gather(self.arrays, index)
+
+
 class TrainBatches:
     """Shuffled training batches of a :class:`HostCache`, addressed by step.
 
     Each batch is a dict of global arrays: ``images`` uint8 (B, S, S, 3) cache slots, ``sizes`` int32
     (B, 2) original (H, W), ``extents`` int32 (B, 2) the (h, w) each image fills in its slot, ``labels``
     uint8 (B, K), ``index`` int32 (B,) the images' indices in the split, split over the mesh's 'data'
-    axis.
+    axis. With a ``resident`` :class:`DeviceCache` of the same split, the images, sizes, extents and labels
+    are gathered on the devices and only ``index`` comes from the host; the batches are the same.
     """
 
-    def __init__(self, cache: HostCache, global_batch_size: int, seed: int, mesh: Mesh):
+    def __init__(
+        self,
+        cache: HostCache,
+        global_batch_size: int,
+        seed: int,
+        mesh: Mesh,
+        resident: DeviceCache | None = None,
+    ):
         check_batch_size(global_batch_size, mesh)
         if len(cache) < global_batch_size:
             raise ConfigError(
                 f"the training split has {len(cache)} images, fewer than batch_size="
                 f"{global_batch_size}; lower the batch size or use a larger split."
             )
+        if resident is not None and resident.cache is not cache:
+            raise ValueError("the resident DeviceCache holds another split than the batches' cache.")
         self.cache, self.batch_size, self.seed, self.mesh = cache, global_batch_size, seed, mesh
+        self.resident = resident
         self.steps_per_epoch = len(cache) // global_batch_size
         self.local_batch_size = global_batch_size // jax.process_count()
         self._perm_epoch, self._perm = -1, None
@@ -83,12 +165,14 @@ class TrainBatches:
         return self._perm[i * self.batch_size : (i + 1) * self.batch_size]
 
     def host_batch(self, step: int) -> dict[str, np.ndarray]:
-        """This process's slice of the batch at ``step``, as numpy arrays."""
+        """This process's slice of the batch at ``step``, as numpy arrays (only ``index`` when resident)."""
         # Sorted (kinder to a memory map) BEFORE the split: the global batch then has the same order, so
         # each image meets the same augmentation draw, whatever the number of processes.
         idx = np.sort(self.indices(step))
         p, n = jax.process_index(), self.local_batch_size
         idx = idx[p * n : (p + 1) * n]
+        if self.resident is not None:
+            return {"index": idx.astype(np.int32)}
         c = self.cache
         return {
             "images": c.images[idx],
@@ -100,7 +184,10 @@ class TrainBatches:
 
     def batch(self, step: int) -> dict[str, jax.Array]:
         """The global batch at ``step`` on the mesh."""
-        return _to_global(self.host_batch(step), self.mesh, self.batch_size)
+        batch = _to_global(self.host_batch(step), self.mesh, self.batch_size)
+        if self.resident is None:
+            return batch
+        return {**self.resident.gather(batch["index"]), **batch}
 
     def iterate(self, start_step: int, num_steps: int, prefetch: int = 2) -> Iterator[tuple[int, dict]]:
         """Yields ``(step, batch)`` for steps ``start_step .. num_steps - 1``, gathered ahead of use.

@@ -20,10 +20,17 @@ import optax
 from jax.sharding import Mesh
 
 from apjax import evaluators
-from apjax.data.pipeline import TrainBatches, check_batch_size, data_mesh
+from apjax.data.pipeline import check_batch_size, data_mesh
 from apjax.errors import ConfigError
 from apjax.tasks import distill, prune_structured, prune_unstructured, quantize, teacher
-from apjax.trainer.config import build_model, check_model_input, load_data, validate_common
+from apjax.trainer.config import (
+    build_model,
+    check_model_input,
+    load_data,
+    resident_cache,
+    train_batches,
+    validate_common,
+)
 from apjax.trainer.files import prepare_workdir
 from apjax.trainer.loop import Task, run_training
 from apjax.trainer.optim import create_learning_rate_fn
@@ -85,7 +92,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     task = TASKS[config.task]
     if hasattr(task, "run"):
         return task.run(config, workdir, data, mesh)
-    batches = TrainBatches(data["train"], config.batch_size, seed=config.seed, mesh=mesh)
+    batches = train_batches(config, data["train"], mesh, resident=resident_cache(config, data["train"], mesh))
     lr_fn = create_learning_rate_fn(config, batches.steps_per_epoch)
     built = build_task(config, data["train"].num_classes, mesh, lr_fn, workdir, data)
     return run_training(config, workdir, built, data, batches, mesh)

@@ -26,10 +26,9 @@ from apjax.compress.prune import (
 )
 from apjax.compress.unstructured import global_magnitude_masks, round_sparsity
 from apjax.data import HostCache
-from apjax.data.pipeline import TrainBatches
 from apjax.errors import MissingFileError
 from apjax.trainer.checkpoints import Checkpoints, round_dir
-from apjax.trainer.config import build_model
+from apjax.trainer.config import build_model, resident_cache, train_batches
 from apjax.trainer.evaluation import CLASSIFICATION_PERCENT
 from apjax.trainer.files import prepare_workdir, sync_processes, write_json_atomic
 from apjax.trainer.loop import run_training
@@ -70,16 +69,17 @@ def run(
     student = build_model(config, num_classes)
     base_key = jax.random.key(config.seed)
     # One schedule, optimizer and compiled step for all rounds (each round starts a fresh optimizer state).
-    spe = TrainBatches(data["train"], config.batch_size, seed=config.seed, mesh=mesh).steps_per_epoch
+    spe = train_batches(config, data["train"], mesh).steps_per_epoch
     lr_fn = create_learning_rate_fn(config, spe)
     tx = create_optimizer(config, lr_fn)
     steps = pruning_steps(config, student, teacher, teacher_vars, tx, lr_fn, mesh)
     previous = None  # the last state of the previous round (round 1 starts from the teacher)
+    resident = resident_cache(config, data["train"], mesh)  # one copy on the devices for every round
     summary_rows, per_round = {}, []
     for r in range(1, config.prune.rounds + 1):
         rdir = round_dir(workdir, r)
         sparsity = round_sparsity(r, config.prune.rate)
-        batches = TrainBatches(data["train"], config.batch_size, seed=config.seed + r, mesh=mesh)
+        batches = train_batches(config, data["train"], mesh, seed=config.seed + r, resident=resident)
         if previous is None:
             params, stats, old_masks = teacher_vars["params"], teacher_vars["batch_stats"], None
         else:

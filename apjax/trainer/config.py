@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from apjax.data import DATASETS, HostCache, check_data_config, class_names, load_cached_split
+from apjax.data.pipeline import DeviceCache, TrainBatches
 from apjax.data.synthetic import SyntheticConfig
 from apjax.errors import ConfigError
 from apjax.models import INITS, create_model, family_of
@@ -144,3 +145,26 @@ def load_data(config: ml_collections.ConfigDict, splits=("train", "val")) -> dic
     first = load() if jax.process_index() == 0 else None
     sync_processes("apjax: data ready")
     return first if first is not None else load()
+
+
+def resident_cache(config: ml_collections.ConfigDict, train: HostCache, mesh) -> DeviceCache | None:
+    """The training split held in device memory when ``config.data.on_device`` is set, else None."""
+    if not config.data.get("on_device", False):
+        return None
+    resident = DeviceCache(train, mesh)
+    if jax.process_index() == 0:
+        print(f"Training images held on the devices: {resident.nbytes / 2**20:,.1f} MiB on each device.")
+    return resident
+
+
+def train_batches(
+    config: ml_collections.ConfigDict,
+    train: HostCache,
+    mesh,
+    seed: int | None = None,
+    resident: DeviceCache | None = None,
+) -> TrainBatches:
+    """The run's training batches (seed ``config.seed`` unless given), gathered on the devices from
+    ``resident`` (see :func:`resident_cache`) when given."""
+    seed = config.seed if seed is None else seed
+    return TrainBatches(train, config.batch_size, seed=seed, mesh=mesh, resident=resident)
