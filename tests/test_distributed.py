@@ -7,8 +7,10 @@ files. The runs are train.py under the driver of tests/test_reliability.py, whos
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -146,3 +148,62 @@ def test_two_processes_train_like_one_process_with_eight_devices(
     assert sorted(p.name for p in workdir.iterdir()) == sorted((CHECKPOINT_DIR, TENSORBOARD_DIR, *OWN_FILES))
     assert "| split |" in logs[0] and "| split |" not in logs[1]
     print(f"process 1 wrote {len(written(1))} paths, all under {CHECKPOINT_DIR}/")
+
+
+# One process of a two-process run: a tiny split in a HostCache, its device-resident copy on the global
+# 'data' mesh, and the batches of a few steps compared, shard by shard, with the host-fed ones.
+RESIDENT_SCRIPT = r"""
+import sys
+import jax
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+import numpy as np
+from apjax.data.cache import HostCache
+from apjax.data.pipeline import DeviceCache, TrainBatches, data_mesh
+
+rng = np.random.default_rng(0)  # the same split in both processes, as a shared data_dir gives
+n = 48
+cache = HostCache(
+    images=rng.integers(0, 256, (n, 12, 12, 3), dtype=np.uint8),
+    sizes=rng.integers(8, 13, (n, 2)).astype(np.int32),
+    extents=rng.integers(8, 13, (n, 2)).astype(np.int32),
+    labels=rng.integers(0, 2, (n, 5)).astype(np.uint8),
+    masks=None,
+    image_ids=[str(i) for i in range(n)],
+)
+mesh = data_mesh()
+assert mesh.devices.size == 8 and jax.process_count() == 2
+host_fed = TrainBatches(cache, 16, seed=3, mesh=mesh)
+resident = TrainBatches(cache, 16, seed=3, mesh=mesh, resident=DeviceCache(cache, mesh))
+for step in (0, 2, 3):  # 3 steps per epoch
+    a, b = host_fed.batch(step), resident.batch(step)
+    assert set(a) == set(b)
+    for key in a:
+        sa = sorted(a[key].addressable_shards, key=lambda s: s.device.id)
+        sb = sorted(b[key].addressable_shards, key=lambda s: s.device.id)
+        assert [s.index for s in sa] == [s.index for s in sb] and len(sa) == 4
+        for x, y in zip(sa, sb):
+            np.testing.assert_array_equal(np.asarray(x.data), np.asarray(y.data))
+print("resident batches equal", jax.process_index())
+"""
+
+
+def test_device_resident_batches_equal_the_host_fed_ones_in_two_processes(tmp_path):
+    """config.data.on_device in a two-process run: each process copies the split to its own devices and
+    gathers its half of each batch there, the same rows as it would read and send from the host."""
+    script = tmp_path / "resident.py"
+    script.write_text(RESIDENT_SCRIPT)
+    coordinator = f"127.0.0.1:{_free_port()}"
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
+    cmds = [[sys.executable, str(script), coordinator, str(i)] for i in range(2)]
+    log_paths = [tmp_path / f"process{i}.log" for i in range(2)]
+    with open(log_paths[0], "w") as out0, open(log_paths[1], "w") as out1:
+        codes = _run_processes(cmds, env, [out0, out1])
+    logs = [p.read_text() for p in log_paths]
+    assert codes == [0, 0], (logs[0][-3000:], logs[1][-3000:])
+    for i in range(2):
+        assert f"resident batches equal {i}" in logs[i]
