@@ -28,14 +28,6 @@ flags.DEFINE_bool("overwrite", False, "Replace an earlier export in --out.")
 flags.mark_flags_as_required(["workdir", "out"])
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, a mistake said in one line (``error: ...``, exit status 1)."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        sys.exit(f"error: {e}\nPass --helpshort or --helpfull to see help on flags.")
-
-
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.ERROR)  # Orbax narrates every step at INFO
@@ -59,4 +51,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

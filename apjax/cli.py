@@ -114,21 +114,41 @@ def _misspelled_override(
     return None, None
 
 
-def _config_file_failure(e: BaseException, argv: list[str]) -> str | None:
-    """``--config=F: <sentence>`` when ``e`` is absl's wrapper of an exception that the config file ``F``
-    raised (e.g. an unknown argument after the colon): that exception's own sentence, without the
-    traceback absl folds into its message. None when ``e`` wraps nothing."""
+# absl's message for a value a flag's parser refused: "flag --NAME=VALUE: <the parser's error>".
+_BAD_VALUE = re.compile(r"flag --([\w.-]+)=(.*?): ", re.S)
+
+
+def _innermost(e: BaseException) -> BaseException:
+    """The exception at the bottom of ``e``'s chain of causes (``e`` itself when it has none)."""
     cause, seen = e, {id(e)}
-    while True:  # the innermost exception of the chain: the one the config file raised
-        inner = cause.__cause__ or cause.__context__
-        if inner is None or id(inner) in seen:
-            break
+    while (inner := cause.__cause__ or cause.__context__) is not None and id(inner) not in seen:
         cause = inner
         seen.add(id(cause))
-    if cause is e or not isinstance(e, flags.IllegalFlagValueError):
+    return cause
+
+
+def _bad_flag_value(e: BaseException) -> str | None:
+    """One line for absl's refusal of a flag's value, naming that flag; None for any other error.
+
+    ``--config=F: <sentence>`` when the config file ``F`` raised (e.g. an unknown argument after the
+    colon): that exception's own sentence, without the traceback absl folds into its message. Any other
+    flag: ``--NAME=VALUE is not a valid value for --NAME (<the parser's reason>); ...``.
+    """
+    found = _BAD_VALUE.match(str(e)) if isinstance(e, flags.IllegalFlagValueError) else None
+    if found is None:
         return None
-    given = [a for a in argv[1:] if a.startswith("--config=")]
-    return f"{given[-1] if given else '--config'}: {cause}"
+    name, value = found.groups()
+    cause = _innermost(e)
+    if name == "config":
+        return f"--config={value}: {cause}" if cause is not e else None
+    reason = cause.args[0] if cause is not e and cause.args and isinstance(cause.args[0], str) else None
+    reason = reason or str(e)[found.end() :].strip()
+    if "must have a value other than None" in reason:  # a required flag left out
+        return f"--{name} is required; give it a value (pass --helpshort to see what it takes)."
+    return (
+        f"--{name}={value} is not a valid value for --{name} ({reason.rstrip('.')}); pass --helpshort to see "
+        "what it takes."
+    )
 
 
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
@@ -148,7 +168,7 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
             sys.exit(f"error: --config.{unknown} names no field of the config; {hint}")
         if not isinstance(e, flags.Error):
             raise
-        failure = _config_file_failure(e, argv)
+        failure = _bad_flag_value(e)
         if failure is not None:
             sys.exit(f"error: {failure}")
         sys.exit(f"error: {e}\nPass --helpshort or --helpfull to see help on flags.")

@@ -643,7 +643,36 @@ def test_config_flag_errors_in_one_sentence(capsys):
     assert_one_sentence(parse(base, "--config.zzz=3"), "--config.zzz names no field", "check its spelling")
     message = parse("--config=configs/teacher_vgg16.py:data=synthetic,smal")
     assert_one_sentence(message, "unknown config argument 'smal'", "the arguments are")
+    assert message.startswith("--config=configs/teacher_vgg16.py:data=synthetic,smal: unknown config")
     assert "Traceback" not in message
+
+
+def test_bad_flag_values_name_their_own_flag():
+    """A refused value of an ordinary flag names that flag (not --config), and a missing required one."""
+
+    def parse(*argv):
+        values = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", None, "config", flag_values=values, lock_config=True)
+        flags.DEFINE_bool("distributed", False, "", flag_values=values)
+        flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "", flag_values=values)
+        flags.DEFINE_integer("batch_size", 32, "", flag_values=values)
+        flags.DEFINE_string("out", None, "", flag_values=values)
+        flags.mark_flag_as_required("out", flag_values=values)
+        with pytest.raises(SystemExit) as e:
+            cli.parse_flags(["prog", *argv], flag_values=values)
+        return str(e.value.code).removeprefix("error: ")
+
+    base = ("--config=configs/teacher_vgg16.py:data=synthetic,small", "--out=o")
+    for flag, reason in [
+        ("--distributed=maybe", "Non-boolean argument to boolean flag"),
+        ("--checkpoint=bset", "value should be one of <best|latest>"),
+        ("--batch_size=abc", "invalid literal for int()"),
+    ]:
+        message = parse(*base, flag)
+        assert message.startswith(f"{flag} is not a valid value for {flag.split('=')[0]} ({reason}"), message
+        assert_one_sentence(message, "pass --helpshort")
+    message = parse(base[0])
+    assert message == "--out is required; give it a value (pass --helpshort to see what it takes)."
 
 
 def test_unwritable_workdir_and_bad_batch_size_write_nothing(tmp_path, reliability_env):
