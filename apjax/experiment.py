@@ -13,6 +13,9 @@ A sweep is a list of stages, each with its own workdir under one root:
 - ``eval``: the localisation report (Grad-CAM) of the teacher and every finished run;
 - ``eval_methods``: the other attribution methods (the paper's Table 8) on the teacher and the smallest
   student with and without SSWA;
+- ``deploy`` (``config.deploy.enabled``; on in the science variant): every finished seed-0 run exported
+  (``deploy/exports/<run>``, as ``export.py`` does) and its ``predict`` and ``explain`` timed
+  (:mod:`apjax.deploy.latency`) into ``deploy/latency.json``, the report's Deployment table;
 - ``report``: ``report.md`` with the paper's tables filled with this sweep's numbers (and on VOC the
   paper's beside the same quantities: its mAP beside the reference's per-image AP, its F1 beside F1 at
   logit >= 0.5), the val metric that chose each run's checkpoint, plots of AUC and similarity against
@@ -40,6 +43,7 @@ import copy
 import fnmatch
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -55,6 +59,7 @@ from apjax.errors import ConfigError
 from apjax.evaluators.faithfulness import check_faithfulness
 from apjax.models import family_of
 from apjax.report import write_report
+from apjax.report_deploy import LATENCY_FILE
 from apjax.stages import Stage, eval_dir, is_finished, seed_name, smallest_student
 from apjax.tasks import TASKS, train_and_evaluate, validate_config
 from apjax.trainer.files import prepare_workdir, sync_processes, write_json_atomic
@@ -134,6 +139,8 @@ def plan(config: ml_collections.ConfigDict, root: Path) -> list[Stage]:
     stages.append(Stage("eval", "eval"))
     if config.table8_methods and config.students:
         stages.append(Stage("eval_methods", "eval_methods"))
+    if deploy_settings(config) is not None:
+        stages.append(Stage("deploy", "deploy"))
     stages.append(Stage("report", "report"))
     return stages
 
@@ -158,6 +165,9 @@ def validate_sweep(config: ml_collections.ConfigDict, stages: list[Stage]) -> No
     check_methods(config.table8_methods, "config.table8_methods")
     method_options(config.get("method_options"))  # a ConfigError names a bad one now, not after training
     check_faithfulness(faithfulness_settings(config), config.data.image_size)
+    bad = {k: v for k, v in (deploy_settings(config) or {}).items() if not isinstance(v, int) or v < 1}
+    if bad:
+        raise ConfigError(f"config.deploy's {bad} must be positive integers (timed calls and batch size).")
     names = [s.name for s in stages]
     for pattern in _patterns(config.only):
         if not fnmatch.filter(names, pattern):
@@ -216,6 +226,43 @@ def faithfulness_settings(config) -> dict[str, Any] | None:
     return {k: v for k, v in dict(f).items() if k != "enabled"}
 
 
+def deploy_settings(config) -> dict[str, int] | None:
+    """The deploy stage's timing settings (``config.deploy`` without ``enabled``), or None when it is off
+    (the default) or absent."""
+    d = config.get("deploy")
+    if not d or not d.get("enabled"):
+        return None
+    return {k: d[k] for k in ("calls", "batch_calls", "batch_size")}
+
+
+def _run_deploy(root: Path, stages: list[Stage], config) -> str:
+    """Exports and times every finished seed-0 run (the teacher first) unless ``deploy/latency.json``
+    already covers the same runs with the same settings."""
+    from apjax.deploy.latency import latency_report, write_latency  # imports the exporter (Orbax)
+
+    if jax.process_count() > 1:
+        return (
+            "skipped: exporting and timing run in one process; run python -m benchmarks.latency --sweep "
+            f"{root} --out {root / LATENCY_FILE}"
+        )
+    runs = [(s.name, root / s.name) for s in stages if s.config is not None and s.seed == 0]
+    runs = [r for r in runs if (r[1] / "final_metrics.json").exists()]
+    if not any(name == "teacher" for name, _ in runs):
+        return "skipped: the teacher is not trained yet"
+    settings, out = deploy_settings(config), root / LATENCY_FILE
+    if out.exists():
+        previous = json.loads(out.read_text())
+        covered = [r["run"] for r in previous.get("rows", [])] == [name for name, _ in runs]
+        if covered and all(previous.get("settings", {}).get(k) == v for k, v in settings.items()):
+            return "skipped: already covers these runs"
+    exports = out.parent / "exports"
+    shutil.rmtree(exports, ignore_errors=True)  # a run trained again is exported again
+    log = lambda line: print(f"  {line}", flush=True)  # noqa: E731
+    report = latency_report(runs, exports, **settings, command=f"sweep {root}: deploy stage", log=log)
+    write_latency(report, out)
+    return f"exported and timed {len(runs)} runs (exports in {exports})"
+
+
 def _run_eval(root: Path, stage: Stage, stages: list[Stage], config) -> str:
     groups = _eval_groups(root, stages, stage.kind, config)
     if not groups:
@@ -270,8 +317,11 @@ def run_sweep(config: ml_collections.ConfigDict, root: str | os.PathLike) -> Pat
                 continue
             train_and_evaluate(stage.config, root / stage.name)
             status = "trained"
-        elif stage.kind in ("eval", "eval_methods"):
-            status = _run_eval(root, stage, stages, config)
+        elif stage.kind in ("eval", "eval_methods", "deploy"):
+            if stage.kind == "deploy":
+                status = _run_deploy(root, stages, config)  # one process: exporting restores checkpoints
+            else:
+                status = _run_eval(root, stage, stages, config)
             if is_main:
                 print(f"  {status}")
             if status.startswith("skipped"):

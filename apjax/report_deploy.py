@@ -1,7 +1,8 @@
-"""The report's "Deployment" table: each run's export measured by ``benchmarks/latency.py``.
+"""The report's "Deployment" table: each run's export measured by :mod:`apjax.deploy.latency`.
 
-The sweep does not time its exports itself (timings want a quiet machine and take their own minutes); a
-user who wants the table runs the benchmark into the sweep's folder and writes the report again:
+The sweep's ``deploy`` stage writes ``<root>/deploy/latency.json`` (``config.deploy.enabled``; on in the
+science variant). Timings want a quiet machine: to time a finished sweep again, alone, run the benchmark
+into the sweep's folder and write the report again:
 
     python -m benchmarks.latency --sweep W --out W/deploy/latency.json
     python train.py --config configs/paper.py:VARIANT --workdir W --config.only=report
@@ -53,7 +54,7 @@ def deployment_table(root: Path) -> list[str]:
         "",
         *table(header, rows),
         "",
-        f"Measured by `benchmarks/latency.py` ({found.get('date', '?')}, {where or 'unknown device'}, jax "
+        f"Measured by `apjax.deploy.latency` ({found.get('date', '?')}, {where or 'unknown device'}, jax "
         f"{found.get('jax_version', '?')}): each run exported (`export.py`) and loaded "
         "(`apjax.deploy.load`), its `predict` and `explain` timed warm, the runs alternating call by call. "
         "On XLA:CPU a network with zeros in dense kernels (unstructured pruning) or dequantized weights "

@@ -118,6 +118,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )  # fmt: skip
     c.eval_batch_size = 32
     c.figure_images = 6
+    # The deploy stage (apjax/deploy/latency.py): every finished seed-0 run exported to deploy/exports/<run>
+    # and its predict and explain timed warm, `calls` calls at batch 1 and `batch_calls` at `batch_size`,
+    # into deploy/latency.json (the report's Deployment table); on in the science variant.
+    c.deploy = ml_collections.ConfigDict(dict(enabled=False, calls=30, batch_calls=5, batch_size=64))
 
     c.teacher = teacher_vgg16.get_config(stage_arg)
     c.kd = vgg16_kd.get_config(stage_arg)
@@ -179,6 +183,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.prune_kinds = ("unstructured", "structured")
         c.prune_methods = ("naive", *matching_methods())
         c.faithfulness.enabled = True
+        c.deploy.enabled = True
         for stage in (c.prune_unstructured, c.prune_structured):
             stage.distill.beta = DEMO_BETA
     return c

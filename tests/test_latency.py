@@ -1,4 +1,5 @@
-"""benchmarks/latency.py: its statistics on synthetic numbers, and ``--tiny`` end to end on the tiny teacher.
+"""apjax/deploy/latency.py: its statistics on synthetic numbers; benchmarks/latency.py ``--tiny`` end to end
+on the tiny teacher; the sweep's deploy stage.
 
 Speed itself is never asserted: only that the figures exist, are positive and add up."""
 
@@ -10,7 +11,14 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks import latency
+from apjax import experiment
+from apjax.deploy import latency as deploy_latency
+from apjax.errors import ConfigError
+from apjax.report_deploy import deployment_table
+from benchmarks import latency as latency_cli
+from configs import paper
+
+latency = deploy_latency  # the statistics and find_runs
 
 
 def test_percentile_by_hand():
@@ -66,7 +74,7 @@ def test_tiny_end_to_end(teacher_dir, tmp_path):
     (sweep / "teacher@s1").symlink_to(teacher_dir, target_is_directory=True)  # skipped: not seed 0
     out = tmp_path / "results" / "latency.json"
     exports = tmp_path / "exports"
-    report = latency.main(["--sweep", str(sweep), "--tiny", "--out", str(out), "--exports", str(exports)])
+    report = latency_cli.main(["--sweep", str(sweep), "--tiny", "--out", str(out), "--exports", str(exports)])
     saved = json.loads(out.read_text())
     assert saved["rows"] == json.loads(json.dumps(report["rows"]))
     for key in ("command", "date", "machine", "jax_version", "loadavg_start_end", "notes", "settings"):
@@ -81,10 +89,10 @@ def test_tiny_end_to_end(teacher_dir, tmp_path):
     # the run's own folder as a one-run sweep: named by its folder, so exported afresh beside the other
     one = tmp_path / "one.json"
     argv = ["--sweep", str(teacher_dir), "--tiny", "--out", str(one), "--exports", str(exports)]
-    rows = latency.main(argv)["rows"]
+    rows = latency_cli.main(argv)["rows"]
     assert rows[0]["export_s"] > 0 and (exports / teacher_dir.name / "meta.json").is_file()
     # an export already there is reused (no export time)
-    assert latency.main(argv)["rows"][0]["export_s"] is None
+    assert latency_cli.main(argv)["rows"][0]["export_s"] is None
     _check_rows(rows, [teacher_dir.name])
     after = sorted((p.relative_to(teacher_dir), p.stat().st_mtime_ns) for p in teacher_dir.rglob("*"))
     assert after == before
@@ -108,5 +116,42 @@ def test_find_runs(tmp_path):
         "kd_x2_sswa@s1",
     ]
     assert [n for n, _ in latency.find_runs(tmp_path, ["kd_x2_sswa"])] == ["kd_x2_sswa"]
-    with pytest.raises(SystemExit, match="prune_u_sswa"):
+    with pytest.raises(ConfigError, match="no finished run \\['prune_u_sswa'\\]"):
         latency.find_runs(tmp_path, ["prune_u_sswa"])
+    with pytest.raises(ConfigError, match="is not a folder"):
+        latency.find_runs(tmp_path / "nowhere", None)
+
+
+def test_the_sweeps_deploy_stage_exports_times_and_skips(teacher_dir, tmp_path, capsys):
+    """``config.deploy.enabled``: a stage before the report exports and times the finished seed-0 runs
+    into ``deploy/latency.json`` (read by the report's Deployment table); it skips when the file covers
+    the same runs and settings, and runs again when they change; the runs' folders are left as they were."""
+    before = sorted((p.relative_to(teacher_dir), p.stat().st_mtime_ns) for p in teacher_dir.rglob("*"))
+    c = paper.get_config("demo")
+    c.deploy.update(enabled=True, calls=2, batch_calls=1, batch_size=8)
+    root = tmp_path / "sweep"
+    root.mkdir()
+    (root / "teacher").symlink_to(teacher_dir, target_is_directory=True)
+    stages = experiment.plan(c, root)
+    assert [s.name for s in stages][-2:] == ["deploy", "report"]
+    assert experiment._run_deploy(root, stages, c) == (
+        f"exported and timed 1 runs (exports in {root / 'deploy' / 'exports'})"
+    )  # the students are not trained: the teacher alone
+    found = json.loads((root / "deploy" / "latency.json").read_text())
+    _check_rows(found["rows"], ["teacher"])
+    assert found["settings"] == {"calls": 2, "batch_calls": 1, "batch_size": 8}
+    assert found["rows"][0]["predict_b1_calls"] == 2 and found["rows"][0]["predict_batch_calls"] == 1
+    assert (root / "deploy" / "exports" / "teacher" / "meta.json").is_file()
+    assert (root / "deploy" / "latency.md").is_file()
+    assert "| teacher |" in "\n".join(deployment_table(root))
+    assert experiment._run_deploy(root, stages, c) == "skipped: already covers these runs"
+    c.deploy.calls = 3
+    assert experiment._run_deploy(root, stages, c).startswith("exported and timed 1 runs")
+    assert json.loads((root / "deploy" / "latency.json").read_text())["rows"][0]["predict_b1_calls"] == 3
+    after = sorted((p.relative_to(teacher_dir), p.stat().st_mtime_ns) for p in teacher_dir.rglob("*"))
+    assert after == before
+    assert "deploy" not in [s.name for s in experiment.plan(paper.get_config("demo"), root)]
+    assert "deploy" in [s.name for s in experiment.plan(paper.get_config("science"), root)]
+    c.deploy.batch_size = 0
+    with pytest.raises(ConfigError, match="config.deploy's {'batch_size': 0} must be positive integers"):
+        experiment.validate_sweep(c, stages)
