@@ -128,7 +128,8 @@ def test_science_variant_plans_table_2_and_both_prunings_on_three_seeds(tmp_path
     runs = [f"kd_x2_{m}" for m in ("kd", "ewa", "swa", "sswa")] + [
         f"prune_{k}_{m}" for k in ("u", "s") for m in ("naive", "ewa", "swa", "sswa")
     ]
-    assert names == ["teacher"] + [r + s for s in ("", "@s1", "@s2") for r in runs] + ["eval", "deploy", "report"]
+    seeded = [r + s for s in ("", "@s1", "@s2") for r in runs]
+    assert names == ["teacher", *seeded, "eval", "deploy", "report"]
     demo = paper.get_config("demo")
     for stage in ("teacher", "kd"):  # the demo's teacher and students, so the demo is its KD/SSWA subset
         assert c[stage].to_dict() == demo[stage].to_dict()
