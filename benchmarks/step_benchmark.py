@@ -45,7 +45,8 @@ Data sources: ``random`` is a few uint8 batches in the host-cache layout (images
 sizes, multi-hot labels) placed on the devices beforehand and used in turn; ``pipeline`` is the real input
 path, ``TrainBatches`` over a ``HostCache`` of the synthetic benchmark, iterated with prefetch; the time of
 a pipeline step runs from the end of the previous step to the end of this one, so it includes any wait for
-data.
+data; ``resident`` is the same with the training split held on the devices (``config.data.on_device``), each
+batch gathered there.
 
 Method: each case is lowered and compiled ahead of time first (``compile s`` is that, lowering included;
 the step's first real call then reuses the executable), then warmed up, then ``--steps`` steps are timed
@@ -86,7 +87,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from apjax.compress import distill, teacher_cache
 from apjax.compress.blackbox import forward_passes
 from apjax.compress.matching import MATCHING_MAPS, is_blackbox
-from apjax.data.pipeline import TrainBatches, batch_sharding, data_mesh
+from apjax.data.pipeline import DeviceCache, TrainBatches, batch_sharding, data_mesh
 from apjax.models import create_model, init_variables
 from apjax.tasks.teacher import make_train_step
 from apjax.trainer.config import PRECISIONS as DTYPES
@@ -555,8 +556,9 @@ def measure_workload(
         if paired:
             rows[-1]["paired_forward_s_median"] = statistics.median(paired)
     del batches
-    if "pipeline" in args.sources:
-        it = TrainBatches(train_cache, s.batch_size, seed=0, mesh=mesh)
+    for source in [x for x in ("pipeline", "resident") if x in args.sources]:
+        resident = DeviceCache(train_cache, mesh) if source == "resident" else None
+        it = TrainBatches(train_cache, s.batch_size, seed=0, mesh=mesh, resident=resident)
         times, last = [], time.perf_counter()
         for k, (_, batch) in enumerate(it.iterate(0, args.warmup + args.steps, prefetch=2)):
             carry, out = w.call(carry, batch)
@@ -565,7 +567,7 @@ def measure_workload(
             if k >= args.warmup:
                 times.append(now - last)
             last = now
-        rows.append({**base, "source": "pipeline", **_stats(times)})
+        rows.append({**base, "source": source, **_stats(times)})
         if rows[0].get("paired_forward_s_median"):  # the nearest forward timing: the random loop's
             rows[-1]["paired_forward_s_median"] = rows[0]["paired_forward_s_median"]
     for r in rows:
@@ -667,6 +669,11 @@ def measure_localization(s: Setting, method: str, args, mesh: Mesh, seg, masks: 
 def synthetic_sizes(args) -> dict[str, int]:
     largest = max(args.batch_sizes)
     return {"train": 2 * largest, "val": 8, "segmentation_val": max(args.loc_images, largest)}
+
+
+def _needs_train(args) -> bool:
+    """Whether a source reads the synthetic training cache (``pipeline``, ``resident``)."""
+    return bool({"pipeline", "resident"} & set(args.sources))
 
 
 def load_data(args, data_dir: str, need_train: bool, need_seg: bool) -> dict:
@@ -843,7 +850,9 @@ def parse_args(argv: list[str] | None):
         "--loc-methods", default="gradcam,excitation_bp,lrp,rap", help="attribution methods of the loc cases"
     )
     parser.add_argument("--loc-images", type=int, default=512, help="images of the localisation split")
-    parser.add_argument("--sources", default="random,pipeline", help="random and/or pipeline")
+    parser.add_argument(
+        "--sources", default="random,pipeline", help="random, and pipeline and/or resident (on_device)"
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed steps per case (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
     parser.add_argument("--rotate", type=int, default=3, help="random batches used in turn")
@@ -874,7 +883,7 @@ def parse_args(argv: list[str] | None):
     args.sources = [x.strip() for x in args.sources.split(",") if x.strip()]
     unknown = [c for c in args.cases if c not in CASES]
     bad_students = [s for s in args.students if s not in vgg16_kd.STUDENTS]
-    bad_sources = [x for x in args.sources if x not in ("random", "pipeline")]
+    bad_sources = [x for x in args.sources if x not in ("random", "pipeline", "resident")]
     if unknown or bad_students or bad_sources or "random" not in args.sources:
         parser.error(
             f"unknown cases {unknown}, students {bad_students} or sources {bad_sources} "
@@ -892,7 +901,7 @@ def main(argv: list[str] | None = None) -> None:
         precision, batch, case_id = args.only.split(":", 2)
         name = split_id(case_id)[0]
         data = load_data(
-            args, args.data_dir, "pipeline" in args.sources and CASES[name].kind != "localization",
+            args, args.data_dir, _needs_train(args) and CASES[name].kind != "localization",
             CASES[name].kind == "localization",
         )  # fmt: skip
         rows = run_case(args, precision, int(batch), case_id, mesh, data)
@@ -906,7 +915,7 @@ def main(argv: list[str] | None = None) -> None:
     data_dir = tempfile.mkdtemp(prefix="apjax_step_benchmark_") if own_dir else args.data_dir
     started, load_start = time.perf_counter(), _loadavg()
     try:
-        data = load_data(args, data_dir, "pipeline" in args.sources, need_seg)
+        data = load_data(args, data_dir, _needs_train(args), need_seg)
         rows: list[dict] = []
         for precision, batch, case_id in plan:
             print(f"== {case_id} {SHORT[precision]} batch {batch}", flush=True)
