@@ -16,7 +16,8 @@
 #      (kd_sswa_cached), one process per (precision, batch, student): student x8 at every precision and
 #      batch first, then x4 and x2;
 #   4. the data pipeline at VOC resolution (apjax.data.benchmark --voc, original-resolution cache):
-#      host-fed against device-resident batches (config.data.on_device), augmentation;
+#      host-fed against device-resident batches (config.data.on_device), augmentation; then the cached
+#      KD + SSWA step (x8, bf16, batch 256) fed from the host and from the devices (step_resident);
 #   5. localisation (run, method, pair)/s (benchmarks/localization_benchmark.py, results under $OUT);
 #   6. deployment latency (benchmarks/latency.py) of LATENCY_SWEEP (default workdirs/science when it is
 #      there, else the tiny teacher and its copy trained by step 5, a note saying so).
@@ -47,6 +48,7 @@ if [ "$TINY" = 1 ]; then
   FWD=(--batch-sizes 8)
   GRID=("fp32 8 x8")
   DATA=(--voc --cache_size 0 --image_size 64 --count 16 --batch_size 8)
+  RES=(--cpu-small --image-size 64 --precisions fp32 --steps 2 --warmup 1 --batch-sizes 8 --students x8)
   LAT=(--tiny)
 else
   BUDGET=${SUITE_BUDGET_S:-470}
@@ -56,6 +58,7 @@ else
         "bf16 64 x4" "bf16 64 x2" "fp32 64 x4" "fp32 64 x2"
         "bf16 256 x4" "bf16 256 x2" "fp32 256 x4" "fp32 256 x2")
   DATA=(--voc --cache_size 0 --image_size 227 --count 256 --batch_size 64)
+  RES=(--image-size 227 --steps 10 --warmup 2 --precisions bf16 --batch-sizes 256 --students x8)
   LAT=(--calls 50 --batch-calls 10 --batch-size 64)
 fi
 DEADLINE=$(( $(date +%s) + BUDGET ))
@@ -113,8 +116,11 @@ for g in "${GRID[@]}"; do
   [ "$TINY" = 0 ] && [ "$g" = "fp32 256 x8" ] && break
 done
 
-# 4. the data pipeline at VOC resolution
+# 4. the data pipeline at VOC resolution, then the cached step fed from the host and from the devices'
+#    copy of the training split (config.data.on_device)
 step data_voc 60 "$PY" -m apjax.data.benchmark "${DATA[@]}" --out "$OUT/data_voc.json"
+step step_resident 90 "$PY" -m benchmarks.step_benchmark "${RES[@]}" --cases kd_sswa_cached \
+  --sources random,pipeline,resident --loc-images 8 --out "$OUT/step_resident.json"
 
 # 5. localisation pairs/s (its tiny runs in $WORK/loc, its results in $OUT, not in benchmarks/results)
 step localization 120 "$PY" -c "
