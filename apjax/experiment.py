@@ -245,8 +245,8 @@ def _run_deploy(root: Path, stages: list[Stage], config) -> str:
             "skipped: exporting and timing run in one process; run python -m benchmarks.latency --sweep "
             f"{root} --out {root / LATENCY_FILE}"
         )
-    runs = [(s.name, root / s.name) for s in stages if s.config is not None and s.seed == 0]
-    runs = [r for r in runs if (r[1] / "final_metrics.json").exists()]
+    trained = [s for s in stages if s.config is not None and s.seed == 0 and is_finished(root, s)]
+    runs = [(s.name, root / s.name) for s in trained]
     if not any(name == "teacher" for name, _ in runs):
         return "skipped: the teacher is not trained yet"
     settings, out = deploy_settings(config), root / LATENCY_FILE

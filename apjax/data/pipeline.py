@@ -58,7 +58,7 @@ def _to_global(local: dict[str, np.ndarray], mesh: Mesh, global_batch_size: int)
     return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, v, shape(v)), local)
 
 
-def _bytes_text(n: float) -> str:
+def bytes_text(n: float) -> str:
     """``n`` bytes in the largest binary unit that leaves at least 1: '4.27 GiB', '12.0 MiB', '501 B'."""
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= scale:
@@ -77,13 +77,13 @@ def check_device_memory(nbytes: int, mesh: Mesh, fraction: float = 0.5) -> None:
     devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     stats = devices[0].memory_stats() if devices else None
     if stats and stats.get("bytes_limit"):
-        need, have, where = nbytes, int(stats["bytes_limit"]), f"{devices[0].device_kind} device"
+        have, where = int(stats["bytes_limit"]), f"{devices[0].device_kind} device"
     else:
-        need, have = nbytes, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         where = "host's memory (shared by its CPU devices)"
-    if need > fraction * have:
+    if nbytes > fraction * have:
         raise ConfigError(
-            f"config.data.on_device=True needs {_bytes_text(need)} of the {_bytes_text(have)} of the "
+            f"config.data.on_device=True needs {bytes_text(nbytes)} of the {bytes_text(have)} of the "
             f"{where} for the training split, more than {fraction:.0%} of it (the rest is for training); "
             "set config.data.on_device=False (batches from host memory) or shrink the cache with "
             "config.data.cache_size=N."

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from apjax.data import DATASETS, HostCache, check_data_config, class_names, load_cached_split
-from apjax.data.pipeline import DeviceCache, TrainBatches
+from apjax.data.pipeline import DeviceCache, TrainBatches, bytes_text
 from apjax.data.synthetic import SyntheticConfig
 from apjax.errors import ConfigError
 from apjax.models import INITS, create_model, family_of
@@ -153,7 +153,7 @@ def resident_cache(config: ml_collections.ConfigDict, train: HostCache, mesh) ->
         return None
     resident = DeviceCache(train, mesh)
     if jax.process_index() == 0:
-        print(f"Training images held on the devices: {resident.nbytes / 2**20:,.1f} MiB on each device.")
+        print(f"Training images held on the devices: {bytes_text(resident.nbytes)} on each device.")
     return resident
 
 
