@@ -21,7 +21,6 @@ used unless --config is given.
 from __future__ import annotations
 
 import os
-import sys
 
 import jax
 from absl import app, flags, logging
@@ -101,7 +100,7 @@ def main(argv: list[str]) -> None:
     f = flags.FLAGS
     if f.distributed:
         jax.distributed.initialize()
-    try:
+    with cli.one_sentence_errors(f.out or f.workdir[0]):  # a user's error (or a full disk): one sentence
         if f.methods or len(f.workdir) > 1 or f.faithfulness:
             results = evaluation.localization_report(
                 f.workdir,
@@ -129,11 +128,6 @@ def main(argv: list[str]) -> None:
                 print(f"written to {os.path.join(f.workdir[0], f'evals_{f.checkpoint}.json')}")
             return
         result = evaluation.evaluate_workdir(f.workdir[0], f.checkpoint, f.split, config=f.config)
-    except Exception as e:  # a user's error (or a full disk) ends in one sentence
-        if os.environ.get("APJAX_DEBUG") or not cli.is_user_error(e):
-            raise
-        message = cli.error_message(e, f.out or f.workdir[0])
-        sys.exit(f"error: {message}\n(set APJAX_DEBUG=1 to see the traceback)")
     if jax.process_index() == 0:
         metrics = {k: result[k] for k in (*CLASSIFICATION_PERCENT, "bce")}
         name = f"{f.split} ({f.checkpoint}, step {result['step']})"

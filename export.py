@@ -12,9 +12,6 @@ earlier export). Load it with ``apjax.deploy.load(DIR)``, or try it with
 
 from __future__ import annotations
 
-import os
-import sys
-
 from absl import app, flags, logging
 
 from apjax import cli
@@ -32,12 +29,8 @@ def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.ERROR)  # Orbax narrates every step at INFO
     f = flags.FLAGS
-    try:
+    with cli.one_sentence_errors(f.out):  # a user's error (or a full disk) ends in one sentence
         meta = export_run(f.workdir, f.out, checkpoint=f.checkpoint, overwrite=f.overwrite)
-    except Exception as e:  # a user's error (or a full disk) ends in one sentence
-        if os.environ.get("APJAX_DEBUG") or not cli.is_user_error(e):
-            raise
-        sys.exit(f"error: {cli.error_message(e, f.out)}\n(set APJAX_DEBUG=1 to see the traceback)")
     source = meta["source"]
     print(
         f"exported {source['workdir']} ({source['checkpoint']} checkpoint, step {source['step']}) to {f.out}:"

@@ -7,9 +7,6 @@ python train.py --config configs/paper.py:demo --workdir workdirs/demo     # a w
 
 from __future__ import annotations
 
-import os
-import sys
-
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -29,18 +26,13 @@ def main(argv: list[str]) -> None:
     config = flags.FLAGS.config
     if flags.FLAGS.distributed or config.get("distributed", False):
         jax.distributed.initialize()
-    try:
+    with cli.one_sentence_errors(flags.FLAGS.workdir):  # a user's error (or a full disk): one sentence
         if config.task == "experiment":
             from apjax.experiment import run_sweep
 
             run_sweep(config, flags.FLAGS.workdir)
         else:
             train_and_evaluate(config, flags.FLAGS.workdir)
-    except Exception as e:  # a user's error (or a full disk) ends in one sentence
-        if os.environ.get("APJAX_DEBUG") or not cli.is_user_error(e):
-            raise
-        message = cli.error_message(e, flags.FLAGS.workdir)
-        sys.exit(f"error: {message}\n(set APJAX_DEBUG=1 to see the traceback)")
 
 
 if __name__ == "__main__":

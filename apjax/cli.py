@@ -10,10 +10,13 @@ its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import errno
+import os
 import re
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from absl import flags
@@ -66,6 +69,19 @@ def error_message(e: BaseException, output: str | None = None) -> str:
         f"the disk is full: there was no space left to write {where}; free some space or write to another "
         "disk, then run the same command again (a training run resumes from its last complete checkpoint)."
     )
+
+
+@contextlib.contextmanager
+def one_sentence_errors(output: str | None = None) -> Iterator[None]:
+    """Ends the command with ``error: <sentence>`` (exit status 1) for a user's error raised inside
+    (:func:`is_user_error`; ``output``, the command's output folder, names where a full disk struck) unless
+    ``APJAX_DEBUG`` is set; every other exception keeps its traceback."""
+    try:
+        yield
+    except Exception as e:
+        if os.environ.get("APJAX_DEBUG") or not is_user_error(e):
+            raise
+        sys.exit(f"error: {error_message(e, output)}\n(set APJAX_DEBUG=1 to see the traceback)")
 
 
 def _fields(config: Any, prefix: str = "") -> list[str]:

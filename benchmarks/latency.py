@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     names = [n.strip() for n in args.runs.split(",") if n.strip()] if args.runs else None
     command = " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *(argv or sys.argv[1:])])
-    try:
+    with cli.one_sentence_errors(args.out):  # a user's mistake ends in one sentence
         runs = find_runs(Path(args.sweep).expanduser(), names, args.all_seeds)
         report = latency_report(
             runs,
@@ -58,10 +58,6 @@ def main(argv: list[str] | None = None) -> dict:
             command=command,
             log=lambda line: print(line, flush=True),
         )
-    except Exception as e:  # a user's mistake ends in one sentence
-        if not cli.is_user_error(e):
-            raise
-        raise SystemExit(f"error: {cli.error_message(e, args.out)}") from None
     report["settings"] = {**report["settings"], **vars(args)}
     write_latency(report, Path(args.out))
     print(f"\nwritten to {args.out}\n\n{report['table_markdown']}")
