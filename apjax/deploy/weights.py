@@ -121,43 +121,46 @@ def _row(name: str, array: np.ndarray, storage: str, stored: int) -> dict[str, A
             "stored_bytes": int(stored)}  # fmt: skip
 
 
+def _add_float(out: StoredWeights, name: str, array: np.ndarray) -> None:
+    """Stores ``array`` as it is, float32 under ``name``, a dense argument of the functions."""
+    out.files[name] = array
+    out.rows.append(_row(name, array, "float32", array.nbytes))
+    out.arguments.append((name, array, "dense"))
+
+
+def _empty(storage: str, names, arrays, treedef) -> StoredWeights:
+    return StoredWeights(storage, names, arrays, treedef, arguments=[], files={}, rows=[])
+
+
 def _float(names, arrays, treedef) -> StoredWeights:
-    return StoredWeights(
-        "float32", names, arrays, treedef,
-        arguments=[(n, a, "dense") for n, a in zip(names, arrays, strict=True)],
-        files=dict(zip(names, arrays, strict=True)),
-        rows=[_row(n, a, "float32", a.nbytes) for n, a in zip(names, arrays, strict=True)],
-    )  # fmt: skip
+    out = _empty("float32", names, arrays, treedef)
+    for name, array in zip(names, arrays, strict=True):
+        _add_float(out, name, array)
+    return out
 
 
 def _sparse(names, arrays, treedef) -> StoredWeights:
-    out = _float(names, arrays, treedef)
-    out.storage, out.files, out.rows, out.arguments = "sparse_bitmask", {}, [], []
+    out = _empty("sparse_bitmask", names, arrays, treedef)
     for name, array in zip(names, arrays, strict=True):
-        if is_conv_kernel(name, array):
-            mask, values = sparse_encode(array)
-            out.files.update({f"{name}/mask": mask, f"{name}/values": values})
-            out.rows.append(_row(name, array, "sparse_bitmask", sparse_bytes(array.size, values.size)))
-            out.rows[-1]["nonzero"] = int(values.size)
-            out.arguments.append((name, array, "sparse_bitmask"))
-        else:
-            out.files[name] = array
-            out.rows.append(_row(name, array, "float32", array.nbytes))
-            out.arguments.append((name, array, "dense"))
+        if not is_conv_kernel(name, array):
+            _add_float(out, name, array)
+            continue
+        mask, values = sparse_encode(array)
+        out.files.update({f"{name}/mask": mask, f"{name}/values": values})
+        out.rows.append(_row(name, array, "sparse_bitmask", sparse_bytes(array.size, values.size)))
+        out.rows[-1]["nonzero"] = int(values.size)
+        out.arguments.append((name, array, "sparse_bitmask"))
     return out
 
 
 def _quantized(names, arrays, treedef, bits: str) -> StoredWeights:
     qtype = scheme(bits).weight_qtype
     storage = QUANT_STORAGE[qtype]
-    out = _float(names, arrays, treedef)
-    out.storage, out.files, out.rows, out.arguments = storage, {}, [], []
+    out = _empty(storage, names, arrays, treedef)
     kinds = []  # per variable: (name, shape) of a quantized kernel, or None
     for name, array in zip(names, arrays, strict=True):
         if not is_conv_kernel(name, array):
-            out.files[name] = array
-            out.rows.append(_row(name, array, "float32", array.nbytes))
-            out.arguments.append((name, array, "dense"))
+            _add_float(out, name, array)
             kinds.append(None)
             continue
         values, scale = quantize_kernel(array, qtype)
@@ -182,8 +185,7 @@ def _quantized(names, arrays, treedef, bits: str) -> StoredWeights:
             i += 2
             if storage == "int4_packed":
                 stored = unpack_int4(stored, int(np.prod(shape)), jnp).reshape(shape)
-            values = stored
-            leaves.append(values.astype(jnp.float32) * scale)  # qwix's dequantize: q * per-channel scale
+            leaves.append(stored.astype(jnp.float32) * scale)  # qwix's dequantize: q * per-channel scale
             scales[name] = scale
         return qwix.quantize_model(model, StoredScaleProvider(qt_rules(bits), scales, bound)), leaves
 
