@@ -237,8 +237,9 @@ def deploy_settings(config) -> dict[str, int] | None:
 
 def _run_deploy(root: Path, stages: list[Stage], config) -> str:
     """Exports and times every finished seed-0 run (the teacher first) unless ``deploy/latency.json``
-    already covers the same runs with the same settings."""
+    already covers the same runs with the same settings and their exports are in place."""
     from apjax.deploy.latency import latency_report, write_latency  # imports the exporter (Orbax)
+    from apjax.deploy.load import META_FILE
 
     if jax.process_count() > 1:
         return (
@@ -250,12 +251,14 @@ def _run_deploy(root: Path, stages: list[Stage], config) -> str:
     if not any(name == "teacher" for name, _ in runs):
         return "skipped: the teacher is not trained yet"
     settings, out = deploy_settings(config), root / LATENCY_FILE
+    exports = out.parent / "exports"
     if out.exists():
         previous = json.loads(out.read_text())
         covered = [r["run"] for r in previous.get("rows", [])] == [name for name, _ in runs]
-        if covered and all(previous.get("settings", {}).get(k) == v for k, v in settings.items()):
+        same = covered and all(previous.get("settings", {}).get(k) == v for k, v in settings.items())
+        # ... and its exports all there (a stage stopped while exporting again has deleted them).
+        if same and all((exports / name / META_FILE).is_file() for name, _ in runs):
             return "skipped: already covers these runs"
-    exports = out.parent / "exports"
     shutil.rmtree(exports, ignore_errors=True)  # a run trained again is exported again
     log = lambda line: print(f"  {line}", flush=True)  # noqa: E731
     report = latency_report(runs, exports, **settings, command=f"sweep {root}: deploy stage", log=log)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -145,6 +146,10 @@ def test_the_sweeps_deploy_stage_exports_times_and_skips(teacher_dir, tmp_path, 
     assert (root / "deploy" / "latency.md").is_file()
     assert "| teacher |" in "\n".join(deployment_table(root))
     assert experiment._run_deploy(root, stages, c) == "skipped: already covers these runs"
+    # A stage stopped after deleting the old exports (before timing them again) runs again.
+    shutil.rmtree(root / "deploy" / "exports")
+    assert experiment._run_deploy(root, stages, c).startswith("exported and timed 1 runs")
+    assert (root / "deploy" / "exports" / "teacher" / "meta.json").is_file()
     c.deploy.calls = 3
     assert experiment._run_deploy(root, stages, c).startswith("exported and timed 1 runs")
     assert json.loads((root / "deploy" / "latency.json").read_text())["rows"][0]["predict_b1_calls"] == 3
